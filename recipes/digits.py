@@ -1,0 +1,106 @@
+"""Digits: a small convnet trained with AdamW + 1cycle, the toolkit's smoke-test recipe.
+
+scikit-learn ships the real UCI digits set (1,797 8x8 images), so this runs offline.
+Target: >= 96% test accuracy. Measured 2026-11-26 on 2 CPU cores (torch 2.14.1): see
+``docs/benchmarks.md`` for accuracy and wall time.
+
+    python recipes/digits.py
+    accelerate launch recipes/digits.py
+    accelerate launch --config_file launch/cpu-2proc.yaml recipes/digits.py
+    torchrun --nproc_per_node 2 recipes/digits.py
+    python recipes/digits.py --lr-find               # LR range test, writes lr_find.png
+    python recipes/digits.py --preset adam-l2 --optim.amsgrad
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from toolkit.cli import run
+from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, parse, to_dict
+from toolkit.errors import UserError
+from toolkit.lr_finder import lr_find
+from toolkit.trainer import Trainer
+
+
+@dataclass
+class Config:
+    train: Train = field(default_factory=lambda: TrainConfig(
+        output_dir="runs/digits", epochs=15, batch_size=64, log_every=5))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adamw", lr=1e-2, wd=1e-2))
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(div=10, pct=0.1))
+    width: int = 32
+    """Channels of the first conv layer (doubled after each)."""
+    dropout: float = 0.1
+    """Dropout before the classifier."""
+    data_dir: str | None = None
+    """Folder with digits.csv.gz (scikit-learn's format: 64 pixels and a label per row);
+    default: the copy scikit-learn ships."""
+
+
+PRESETS = {
+    "default": Config,
+    # The post's comparison: Adam with L2 regularization instead of decoupled decay.
+    "adam-l2": lambda: dataclasses.replace(Config(), optim=OptimConfig(name="adam", lr=1e-2, wd=1e-4)),
+    "sgd": lambda: dataclasses.replace(Config(), optim=OptimConfig(name="sgd", lr=0.1, wd=5e-4)),
+}
+
+
+def load_digits(data_dir: str | None) -> tuple[TensorDataset, TensorDataset]:
+    """Stratified 80/20 split (seed 0): 1,437 training and 360 test images, scaled to [0, 1]."""
+    from sklearn.datasets import load_digits as sk_load
+    from sklearn.model_selection import train_test_split
+
+    if data_dir is None:
+        x, y = sk_load(return_X_y=True)
+    else:
+        path = Path(data_dir) / "digits.csv.gz"
+        if not path.is_file():
+            raise UserError(f"--data-dir {data_dir}: {path.name} not found there; omit "
+                            "--data-dir to use the copy scikit-learn ships")
+        table = np.loadtxt(path, delimiter=",")
+        x, y = table[:, :-1], table[:, -1]
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+    as_set = lambda a, b: TensorDataset(torch.tensor(a, dtype=torch.float32).view(-1, 1, 8, 8) / 16,
+                                        torch.tensor(b, dtype=torch.long))
+    return as_set(xtr, ytr), as_set(xte, yte)
+
+
+def convnet(width: int, dropout: float) -> nn.Sequential:
+    # No batch norm: its statistics would depend on the micro-batch split, and the
+    # recipe is also the toolkit's check that N processes equal one.
+    w = width
+    return nn.Sequential(
+        nn.Conv2d(1, w, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * w, 10))
+
+
+def main() -> None:
+    cfg = parse(PRESETS, description=__doc__.splitlines()[0])
+    train_set, test_set = load_digits(cfg.data_dir)
+    torch.manual_seed(cfg.train.seed)
+    model = convnet(cfg.width, cfg.dropout)
+    trainer = Trainer(model, train_set, test_set, train=cfg.train, optim=cfg.optim,
+                      schedule=cfg.schedule, config=to_dict(cfg))
+    if cfg.train.lr_find:
+        result = lr_find(trainer)
+        trainer.print(f"lr_find suggestions: {result['suggestions']} "
+                      f"(plot: {cfg.train.output_dir}/lr_find.png)")
+        return
+    results = trainer.fit()
+    if "valid_accuracy" in results:
+        trainer.print(f"test accuracy {results['valid_accuracy']:.4f} after {results['step']} "
+                      f"steps ({results['wall_time_s']} s)")
+
+
+if __name__ == "__main__":
+    run(main)

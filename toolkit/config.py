@@ -1,0 +1,199 @@
+"""Configuration: dataclasses with a docstring per field, presets, command-line overrides.
+
+A recipe's config is a dataclass holding ``train: TrainConfig`` (its fields are top-level
+flags: ``--epochs``, ``--max-steps``, ``--output-dir``, ``--resume``, ``--seed``,
+``--lr-find``), ``optim: OptimConfig`` and ``schedule: ScheduleConfig`` (``--optim.lr=3e-3``,
+``--schedule.div=25``) and its own fields. Presets are plain functions returning a config;
+``--preset NAME`` picks one, and flags override it. Every value is checked before anything
+runs; a bad one stops the run with a one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+import torch
+import tyro
+
+from toolkit import optim as optim_lib
+from toolkit import schedule as schedule_lib
+from toolkit.errors import UserError
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    """adamw: decoupled weight decay (p -= lr*wd*p); adam: L2 (g += wd*p); sgd: momentum + L2."""
+    lr: float = 3e-3
+    """Maximum learning rate of the cycle (pick it with --lr-find)."""
+    betas: tuple[float, float] = (0.95, 0.99)
+    """Adam betas; beta1 is overwritten by the 1cycle momentum schedule when it cycles."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    wd: float = 1e-2
+    """Weight decay (decoupled for adamw, L2 for adam and sgd)."""
+    amsgrad: bool = False
+    """AMSGrad: divide by the running maximum of the second moment."""
+    momentum: float = 0.9
+    """SGD momentum (cycled by the schedule like beta1)."""
+    nesterov: bool = False
+    """SGD Nesterov momentum."""
+    no_decay_bias_norm: bool = True
+    """No weight decay on biases and normalization weights."""
+    lr_mults: tuple[float, ...] | None = None
+    """Discriminative learning rates over the model's layer groups, e.g. (1/9, 1/3, 1)."""
+    impl: Literal["auto", "fused", "foreach", "forloop", "compiled"] = "auto"
+    """Kernel: auto = fastest correct for the device (fused); compiled = torch.compile'd step."""
+
+    def validate(self) -> None:
+        optim_lib.check_hparams(name=self.name, lr=self.lr, betas=self.betas, eps=self.eps,
+                                weight_decay=self.wd, impl=self.impl, momentum=self.momentum)
+
+    def build(self, model: torch.nn.Module, layer_groups=None) -> torch.optim.Optimizer:
+        groups = optim_lib.param_groups(model, self.wd, no_decay_bias_norm=self.no_decay_bias_norm,
+                                        layer_groups=layer_groups, lr_mults=self.lr_mults)
+        return optim_lib.build_optimizer(groups, self.name, self.lr, betas=self.betas, eps=self.eps,
+                                         weight_decay=self.wd, amsgrad=self.amsgrad,
+                                         momentum=self.momentum, nesterov=self.nesterov,
+                                         impl=self.impl)
+
+
+@dataclass
+class ScheduleConfig:
+    div: float = 10.0
+    """The cycle starts and ends its linear part at lr/div (post: 10)."""
+    pct: float = 0.1
+    """Share of the budget for the final anneal (3-phase cycle)."""
+    phases: tuple[float, float, float, float] | None = None
+    """4 phases instead: lengths of (up, plateau, down, anneal), e.g. (7.5, 37.5, 37.5, 7.5)."""
+    moms: tuple[float, float] = (0.95, 0.85)
+    """beta1 (or momentum) at the low and high ends of the lr cycle."""
+    lin_end: bool = True
+    """Anneal linearly (True) or by cosine (False)."""
+    final_frac: float | None = None
+    """lr at the very end as a fraction of lr; default 1/(100*div)."""
+    cycle_momentum: bool = True
+    """Cycle beta1/momentum inversely to the lr."""
+
+    def validate(self) -> None:
+        schedule_lib.check_one_cycle(self.div, self.pct, self.phases, self.moms, self.final_frac)
+
+    def build(self, optimizer: torch.optim.Optimizer, total_steps: int) -> schedule_lib.OneCycle:
+        return schedule_lib.OneCycle(optimizer, total_steps, div=self.div, pct=self.pct,
+                                     phases=self.phases, moms=self.moms, lin_end=self.lin_end,
+                                     final_frac=self.final_frac,
+                                     cycle_momentum=self.cycle_momentum)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    """Folder for config.json, metrics.jsonl, results.json, checkpoints/ and TensorBoard."""
+    epochs: int = 10
+    """Training epochs (the cycle spans them)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (the cycle then spans them)."""
+    batch_size: int = 128
+    """Global batch per optimizer step, over all processes and accumulation steps."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    clip: float | None = None
+    """Clip the global gradient norm to this value."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Mixed precision (fp16 uses a loss scaler)."""
+    eval_every: int = 0
+    """Evaluate every N optimizer steps; 0 = at the end of each epoch."""
+    log_every: int = 10
+    """Write train metrics every N optimizer steps."""
+    checkpoint_every: int = 0
+    """Checkpoint every N optimizer steps (0 = only at the end and on SIGTERM/SIGUSR1)."""
+    keep_checkpoints: int = 2
+    """Keep the newest K checkpoints (K >= 2: the newest may be mid-write)."""
+    resume: str | None = None
+    """'auto' (newest complete checkpoint in output_dir, if any) or a checkpoints/step_N path."""
+    seed: int = 0
+    """Seed for the model init, data order and dropout."""
+    lr_find: bool = False
+    """Run the LR range test instead of training; writes lr_find.png/json."""
+    progress: bool = True
+    """Show a progress bar (main process only)."""
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps} must be >= 1")
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.keep_checkpoints < 2:
+            raise ValueError(f"keep_checkpoints={self.keep_checkpoints} must be >= 2")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"clip={self.clip} must be > 0")
+
+
+# Sections whose fields are top-level flags (--epochs rather than --train.epochs).
+Train = Annotated[TrainConfig, tyro.conf.OmitArgPrefixes]
+
+C = TypeVar("C")
+
+
+def validate(cfg) -> None:
+    """Run ``validate()`` of ``cfg`` and of every dataclass inside it."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+
+
+def parse(presets: dict[str, Callable[[], C]], args: Sequence[str] | None = None,
+          description: str | None = None, default: str | None = None) -> C:
+    """``--preset NAME`` then any field as ``--section.field=value``; validated.
+
+    Raises :class:`UserError` with a one-line message for an unknown preset or a bad value.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    name = default or next(iter(presets))
+    for i, a in enumerate(args):
+        if a == "--preset" and i + 1 < len(args):
+            name = args[i + 1]
+            del args[i:i + 2]
+            break
+        if a.startswith("--preset="):
+            name = a.split("=", 1)[1]
+            del args[i]
+            break
+    if name not in presets:
+        raise UserError(f"--preset {name!r} is unknown; choose one of {', '.join(presets)}")
+    base = presets[name]()
+    description = (description or "") + (f"\n\nPresets: {', '.join(presets)} (--preset NAME; "
+                                         f"this help shows {name!r}).")
+    cfg = tyro.cli(type(base), default=base, args=args, description=description)
+    try:
+        validate(cfg)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON through a temp file and a rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+

@@ -1,0 +1,47 @@
+"""Process-group set-up that does not train each rank alone by accident.
+
+Accelerate 1.15 on a machine without GPU gives every process launched by ``torchrun`` or
+``accelerate launch --multi_gpu`` a world of one (``DistributedType.NO``), and the run
+trains N independent models without a word. ``ACCELERATE_USE_CPU=true`` set before
+``Accelerator()`` makes it ``MULTI_CPU`` over gloo. We set it, then check the world size we
+really train with against the launcher's ``WORLD_SIZE``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+
+from toolkit.errors import UserError
+
+
+def launcher_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def prepare_env() -> None:
+    """Call before ``Accelerator()``: multi-process CPU runs need ``ACCELERATE_USE_CPU``."""
+    if launcher_world_size() > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def check_world_size(accelerator: Accelerator) -> None:
+    """Stop if Accelerate trains with another world size than the launcher started."""
+    expected = launcher_world_size()
+    got = accelerator.num_processes
+    real = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if got != expected or real != expected:
+        raise UserError(f"launcher started WORLD_SIZE={expected} processes but this one trains "
+                        f"in a world of {got} (process group: {real}, "
+                        f"{accelerator.distributed_type}); each rank would train alone. "
+                        "On CPU set ACCELERATE_USE_CPU=true before Accelerator()")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

@@ -1,0 +1,165 @@
+"""Adam with decoupled ("true") weight decay or L2, AMSGrad, SGD; parameter groups.
+
+The post (Gugger & Howard, 2018, "AdamW and super-convergence") compares two ways to
+regularize Adam:
+
+* L2: ``g += wd * p`` before the moment updates (``torch.optim.Adam(weight_decay=wd)``),
+  what its language-model and Stanford Cars runs used;
+* decoupled: ``p -= lr * wd * p`` outside the gradient (``torch.optim.AdamW``), ``lr``
+  being the *scheduled* learning rate so that decay follows 1cycle.
+
+Both are torch's own optimizers: we only pick the fastest kernel torch has for the device
+(``fused`` on CPU and CUDA, AMSGrad included: see ``docs/benchmarks.md``) and build the
+parameter groups. ``impl="compiled"`` wraps ``step`` in ``torch.compile`` with lr and betas
+held as tensors, so 1cycle changing them every step never recompiles.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+OptimizerName = Literal["adamw", "adam", "sgd"]
+Impl = Literal["auto", "fused", "foreach", "forloop", "compiled"]
+OPTIMIZERS = ("adamw", "adam", "sgd")
+IMPLS = ("auto", "fused", "foreach", "forloop", "compiled")
+
+# Normalization layers whose weights are scales, not features: decaying them to 0 hurts.
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that get no weight decay: biases and normalization weights."""
+    names = set()
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if p_name.endswith("bias") or isinstance(mod, _NORMS) or p.ndim <= 1:
+                names.add(full)
+    return names
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    no_decay_bias_norm: bool = True,
+    layer_groups: Sequence[nn.Module] | None = None,
+    lr_mults: Sequence[float] | None = None,
+) -> list[dict]:
+    """Parameter groups with an ``lr_mult`` and a ``weight_decay`` each.
+
+    ``layer_groups`` splits the model into consecutive parts (for discriminative learning
+    rates, the post's Stanford Cars run used ``lr_mults=(1/9, 1/3, 1)``); parameters not in
+    any listed part join the last one. ``no_decay_bias_norm`` puts biases and normalization
+    weights in groups with ``weight_decay=0``.
+    """
+    named = dict(model.named_parameters())
+    skip = no_decay_names(model) if no_decay_bias_norm else set()
+    if layer_groups is None:
+        parts = [list(named)]
+    else:
+        ids = {id(p): n for n, p in named.items()}
+        parts = [[ids[id(p)] for p in g.parameters() if id(p) in ids] for g in layer_groups]
+        seen = {n for part in parts for n in part}
+        parts[-1] += [n for n in named if n not in seen]
+    mults = [1.0] * len(parts) if lr_mults is None else list(lr_mults)
+    if len(mults) != len(parts):
+        raise ValueError(f"lr_mults has {len(mults)} values for {len(parts)} layer groups")
+    groups = []
+    for part, mult in zip(parts, mults):
+        decay = [named[n] for n in part if n not in skip and named[n].requires_grad]
+        no_decay = [named[n] for n in part if n in skip and named[n].requires_grad]
+        for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            if params:
+                groups.append({"params": params, "weight_decay": wd, "lr_mult": mult})
+    return groups
+
+
+def default_impl(params: Iterable[torch.Tensor]) -> str:
+    """The fastest correct torch kernel for where the parameters live.
+
+    ``fused`` runs on CPU and CUDA for Adam/AdamW, AMSGrad included, and for SGD: measured
+    at 90-98% of the memory-bandwidth bound on CPU (``bench/optim_step.py``), 2-3x ahead of
+    foreach and for-loop. Other devices fall back to foreach.
+    """
+    devices = {p.device.type for p in params}
+    return "fused" if devices <= {"cpu", "cuda"} else "foreach"
+
+
+def build_optimizer(
+    params: Iterable[torch.Tensor] | Iterable[dict],
+    name: OptimizerName = "adamw",
+    lr: float = 1e-3,
+    *,
+    betas: tuple[float, float] = (0.95, 0.99),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    impl: Impl = "auto",
+) -> torch.optim.Optimizer:
+    """Build ``name`` over ``params`` (tensors or groups from :func:`param_groups`).
+
+    ``adamw``: decoupled decay ``p -= lr * wd * p`` (``torch.optim.AdamW``).
+    ``adam``: L2, ``g += wd * p`` (``torch.optim.Adam``). ``sgd``: SGD with momentum
+    (Nesterov optional) and L2, the post's baseline. A group's ``lr_mult`` scales ``lr``.
+    Defaults are the post's: betas (0.95, 0.99) at the start of 1cycle, eps 1e-8.
+    """
+    check_hparams(name=name, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, impl=impl,
+                  momentum=momentum)
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    groups = [{**g, "params": list(g["params"])} for g in groups]
+    for g in groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+    if impl == "auto":
+        impl = default_impl(p for g in groups for p in g["params"])
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True},
+              "forloop": {"foreach": False}, "compiled": {"foreach": False}}[impl]
+    if name == "sgd":
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
+                              weight_decay=weight_decay, **kernel)
+    else:
+        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        if impl == "compiled":
+            # Tensors, so that torch.compile guards on values, not constants: one graph for
+            # the whole run while 1cycle moves lr and beta1 every step.
+            for g in groups:
+                g["lr"] = torch.tensor(g["lr"])
+                g["betas"] = (torch.tensor(betas[0]), torch.tensor(betas[1]))
+        opt = cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                  amsgrad=amsgrad, **kernel)
+    if impl == "compiled":
+        # Bound to opt, as a method: LR schedulers re-wrap ``opt.step`` through ``__func__``.
+        opt.step = types.MethodType(torch.compile(type(opt).step, fullgraph=False), opt)
+    opt.impl = impl  # what was chosen, for logs and benchmarks
+    return opt
+
+
+def check_hparams(*, name: str, lr: float, betas: tuple[float, float], eps: float,
+                  weight_decay: float, impl: str = "auto", momentum: float = 0.9) -> None:
+    """Raise a one-line ``ValueError`` naming the first bad value and what is allowed."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    if impl not in IMPLS:
+        raise ValueError(f"optimizer impl {impl!r} is unknown; choose one of {', '.join(IMPLS)}")
+    if not lr > 0:
+        raise ValueError(f"lr={lr} must be > 0")
+    for i, b in enumerate(betas):
+        if not 0 <= b < 1:
+            raise ValueError(f"betas[{i}]={b} must be in [0, 1)")
+    if not eps > 0:
+        raise ValueError(f"eps={eps} must be > 0")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay={weight_decay} must be >= 0")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum={momentum} must be in [0, 1)")

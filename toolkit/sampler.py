@@ -1,0 +1,74 @@
+"""Data order owned by the toolkit, so that resume is exact and sharding is visible.
+
+Each epoch is a seeded permutation cut into *global* batches of ``batch_size`` examples
+(the last incomplete one dropped). A global batch is split into ``world * accum``
+micro-batches: rank ``r`` takes micro-batch ``a * world + r`` for accumulation step ``a``.
+So one optimizer step sees the same examples whatever the number of processes or
+accumulation steps, and the position in the data is a function of the optimizer step
+alone: a checkpoint needs to store nothing more than the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+class GlobalBatchSampler:
+    """Batch sampler yielding this rank's micro-batches, from any optimizer step on."""
+
+    def __init__(self, num_examples: int, batch_size: int, *, world: int = 1, rank: int = 0,
+                 accum: int = 1, shuffle: bool = True, seed: int = 0):
+        parts = world * accum
+        if batch_size < 1 or batch_size % parts:
+            raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
+                             f"processes x grad_accum = {world} x {accum} = {parts}")
+        if num_examples < batch_size:
+            raise ValueError(f"batch_size={batch_size} is larger than the {num_examples} "
+                             "training examples")
+        self.num_examples, self.batch_size = num_examples, batch_size
+        self.world, self.rank, self.accum = world, rank, accum
+        self.shuffle, self.seed = shuffle, seed
+        self.micro = batch_size // parts
+        self.epoch, self.start = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.batch_size
+
+    def set_position(self, epoch: int, step_in_epoch: int = 0) -> None:
+        """Start the next iteration at optimizer step ``step_in_epoch`` of ``epoch``."""
+        self.epoch, self.start = epoch, step_in_epoch
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_examples)
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.num_examples, generator=gen)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order(self.epoch)
+        for step in range(self.start, self.steps_per_epoch):
+            batch = order[step * self.batch_size:(step + 1) * self.batch_size]
+            for a in range(self.accum):
+                part = a * self.world + self.rank
+                yield batch[part * self.micro:(part + 1) * self.micro].tolist()
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start) * self.accum
+
+
+class ShardSampler:
+    """Evaluation order: every example exactly once over all ranks (strided, no padding)."""
+
+    def __init__(self, num_examples: int, batch_size: int, *, world: int = 1, rank: int = 0):
+        self.indices = list(range(rank, num_examples, world))
+        self.batch_size = max(1, batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(0, len(self.indices), self.batch_size):
+            yield self.indices[i:i + self.batch_size]
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)

@@ -1,0 +1,275 @@
+"""One small trainer over ``accelerate.Accelerator``.
+
+The loop: forward, loss, backward, clip, optimizer step, 1cycle step, zero grad, with
+gradient accumulation, bf16/fp16, evaluation, ``metrics.jsonl`` + TensorBoard, a progress
+bar on the main process, atomic checkpoints and exact resume. Extend it by subclassing and
+overriding :meth:`Trainer.train_step` (returns the loss of a micro-batch) and
+:meth:`Trainer.eval_step` (returns sums to average over the evaluation set).
+
+Why the schedule is not ``accelerator.prepare``d: a prepared scheduler steps
+``num_processes`` times per optimizer step and mis-steps under accumulation (accelerate
+#874, #963, #995). Why the data loader is not prepared either: the toolkit owns the data
+order (:mod:`toolkit.sampler`) so that resume is exact mid-epoch (accelerate #2016).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import send_to_device
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from toolkit import checkpoint
+from toolkit.config import OptimConfig, ScheduleConfig, TrainConfig, write_json
+from toolkit.distributed import all_reduce_sum, check_world_size, prepare_env
+from toolkit.errors import UserError
+from toolkit.sampler import GlobalBatchSampler, ShardSampler
+from toolkit.schedule import beta1_of
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def batches(dataset: Dataset, sampler):
+    """Micro-batches of ``dataset`` in ``sampler``'s order (tensor datasets indexed at once)."""
+    if isinstance(dataset, TensorDataset):
+        for idx in sampler:
+            yield tuple(t[idx] for t in dataset.tensors)
+    else:
+        yield from DataLoader(dataset, batch_sampler=sampler, num_workers=0)
+
+
+class Trainer:
+    """Train ``model`` on ``train_data`` with the optimizer and 1cycle of the configs.
+
+    ``layer_groups`` (a list of modules) with ``optim.lr_mults`` gives discriminative
+    learning rates. Build the model after seeding (``torch.manual_seed(train.seed)``) so
+    every rank starts from the same weights.
+    """
+
+    def __init__(self, model: nn.Module, train_data: Dataset, eval_data: Dataset | None = None,
+                 *, train: TrainConfig, optim: OptimConfig, schedule: ScheduleConfig,
+                 config: dict | None = None, layer_groups: list[nn.Module] | None = None):
+        self.cfg, self.config = train, config
+        self.out = Path(train.output_dir)
+        prepare_env()
+        self.accelerator = acc = Accelerator(
+            mixed_precision="no" if train.precision == "fp32" else train.precision,
+            log_with="tensorboard", project_dir=str(self.out))
+        check_world_size(acc)
+        world, rank = acc.num_processes, acc.process_index
+        self.sampler = GlobalBatchSampler(len(train_data), train.batch_size, world=world,
+                                          rank=rank, accum=train.grad_accum, seed=train.seed)
+        self.train_data, self.eval_data = train_data, eval_data
+        if eval_data is not None and len(eval_data) < world:
+            raise UserError(f"the evaluation set has {len(eval_data)} examples for {world} "
+                            "processes; it needs at least one per process")
+        self.eval_sampler = None if eval_data is None else ShardSampler(
+            len(eval_data), self.sampler.micro * train.grad_accum, world=world, rank=rank)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = train.epochs * self.steps_per_epoch
+        if train.max_steps is not None:
+            self.total_steps = min(self.total_steps, train.max_steps)
+        optimizer = optim.build(model, layer_groups)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        # The schedule drives the torch optimizer itself, once per optimizer step.
+        self.scheduler = schedule.build(self.optimizer.optimizer, self.total_steps)
+        acc.register_for_checkpointing(self.scheduler)
+        # Dropout streams differ per rank; weights were seeded identically by the caller.
+        torch.manual_seed(train.seed + 1_000_003 * rank)
+        self.step = 0
+        self._stop_signal: int | None = None
+
+    # ---- what subclasses override -------------------------------------------------------
+    def train_step(self, batch) -> torch.Tensor:
+        """Loss of one micro-batch (mean over its examples)."""
+        inputs, targets = batch
+        return F.cross_entropy(self.model(inputs), targets)
+
+    def eval_step(self, batch) -> dict[str, torch.Tensor]:
+        """Sums over one batch, with ``count``; the trainer reports ``sum / count``."""
+        inputs, targets = batch
+        logits = self.model(inputs)
+        return {"loss": F.cross_entropy(logits.float(), targets, reduction="sum"),
+                "accuracy": (logits.argmax(-1) == targets).sum(),
+                "count": torch.tensor(len(targets))}
+
+    # ---- the loop ---------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def print(self, *args) -> None:
+        self.accelerator.print(*args)
+
+    def optimizer_step(self, it, step_schedule: bool = True) -> torch.Tensor:
+        """Accumulate ``grad_accum`` micro-batches from ``it``, clip, step; mean loss."""
+        acc, accum = self.accelerator, self.cfg.grad_accum
+        total = torch.zeros((), device=acc.device)
+        for a in range(accum):
+            batch = send_to_device(next(it), acc.device)
+            # Gradients are all-reduced only on the last micro-batch of the step.
+            sync = contextlib.nullcontext() if a == accum - 1 else acc.no_sync(self.model)
+            with sync:
+                loss = self.train_step(batch)
+                acc.backward(loss / accum)
+            total += loss.detach().float()
+        if self.cfg.clip is not None:
+            acc.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.optimizer.step()
+        if step_schedule:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / accum
+
+    def train_batches(self):
+        """This rank's micro-batches from the current step on, across epochs, forever."""
+        epoch, k = divmod(self.step, self.steps_per_epoch)
+        while True:
+            self.sampler.set_position(epoch, k)
+            yield from batches(self.train_data, self.sampler)
+            epoch, k = epoch + 1, 0
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_data is None:
+            return {}
+        self.model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        for batch in batches(self.eval_data, self.eval_sampler):
+            batch = send_to_device(batch, self.accelerator.device)
+            for k, v in self.eval_step(batch).items():
+                sums[k] = sums.get(k, 0) + v.detach().double()
+        self.model.train()
+        keys = sorted(sums)
+        totals = all_reduce_sum(torch.stack([sums[k] for k in keys]))
+        count = totals[keys.index("count")].item()
+        return {f"valid_{k}": totals[i].item() / count for i, k in enumerate(keys)
+                if k != "count"}
+
+    def lr_and_beta1(self) -> dict[str, float]:
+        groups = self.optimizer.param_groups
+        key = "beta1" if "betas" in groups[0] else "momentum"
+        return {"lr": max(float(g["lr"]) for g in groups), key: beta1_of(groups[0])}
+
+    def log(self, row: dict) -> None:
+        if self.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def _on_signal(self, signum, frame) -> None:
+        # Only a flag: I/O in a handler can deadlock mid-collective (Lightning #21406).
+        self._stop_signal = signum
+
+    def start(self) -> None:
+        """Check the output folder, resume if asked, write config.json, open trackers."""
+        ckpt_dir = self.out / "checkpoints"
+        resume = checkpoint.resolve_resume(self.cfg.resume, ckpt_dir)
+        if self.cfg.resume is None and (checkpoint.list_checkpoints(ckpt_dir)
+                                        or (self.out / "metrics.jsonl").exists()):
+            raise UserError(f"--output-dir {self.out} already holds a run; pass --resume auto "
+                            "to continue it, or choose another --output-dir")
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.config is not None and resume is None:
+                write_json(self.out / "config.json", self.config)
+        self.accelerator.wait_for_everyone()
+        if resume is not None:
+            state = checkpoint.load(self.accelerator, resume)
+            self.step = state["step"]
+            if state["total_steps"] != self.total_steps:
+                raise UserError(f"checkpoint {resume} belongs to a run of "
+                                f"{state['total_steps']} steps, this one has {self.total_steps}: "
+                                "resume with the same --epochs/--max-steps/--batch-size")
+            self.print(f"resumed from {resume} at step {self.step}/{self.total_steps}")
+        self.accelerator.init_trackers("tensorboard")
+        acc = self.accelerator
+        self.print(f"training {self.total_steps} steps ({self.steps_per_epoch} per epoch) on "
+                   f"{acc.num_processes} process(es), {acc.distributed_type.value}, "
+                   f"{acc.device}, {self.cfg.precision}; global batch {self.cfg.batch_size} = "
+                   f"{acc.num_processes} x {self.cfg.grad_accum} x {self.sampler.micro}; "
+                   f"optimizer {type(self.optimizer.optimizer).__name__} "
+                   f"({getattr(self.optimizer.optimizer, 'impl', '?')})")
+
+    def save(self) -> Path:
+        return checkpoint.save(self.accelerator, self.out / "checkpoints", self.step,
+                               {"step": self.step, "total_steps": self.total_steps},
+                               self.cfg.keep_checkpoints)
+
+    def fit(self) -> dict:
+        """Train to the end (or to a stop signal); return the final metrics."""
+        cfg, acc = self.cfg, self.accelerator
+        self.start()
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        started = time.time()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main
+                   and cfg.progress), dynamic_ncols=True, desc="train",
+                   mininterval=0.1 if sys.stderr.isatty() else 10)
+        it = self.train_batches()
+        logged, metrics = torch.zeros(2, dtype=torch.float64), {}
+        self.model.train()
+        try:
+            while self.step < self.total_steps:
+                schedule = self.lr_and_beta1()
+                loss = self.optimizer_step(it)
+                self.step += 1
+                # One small all-reduce per step: the global loss, and collective decisions
+                # on a non-finite loss and on a stop signal (every rank must agree).
+                flags = all_reduce_sum(torch.tensor(
+                    [loss.item(), float(not math.isfinite(loss.item())),
+                     float(self._stop_signal is not None)], dtype=torch.float64))
+                if flags[1] > 0:
+                    raise UserError(f"non-finite loss ({loss.item()}) at step {self.step}: "
+                                    f"lower --optim.lr (now {schedule['lr']:.3g} at this step) "
+                                    "or set --clip; no checkpoint was written for this step")
+                logged += torch.tensor([flags[0] / acc.num_processes, 1.0], dtype=torch.float64)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    train_loss = metrics["train_loss"] = (logged[0] / logged[1]).item()
+                    self.log({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+                              **schedule, "train_loss": train_loss})
+                    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{schedule['lr']:.3g}")
+                    logged.zero_()
+                every = cfg.eval_every or self.steps_per_epoch
+                if self.step % every == 0 or self.step == self.total_steps:
+                    evaluated = self.evaluate()
+                    metrics.update(evaluated)
+                    if evaluated:
+                        self.log({"step": self.step,
+                                  "epoch": round(self.step / self.steps_per_epoch, 4), **evaluated})
+                        if self.is_main:
+                            bar.write(f"step {self.step}: " + " ".join(
+                                f"{k} {v:.4f}" for k, v in evaluated.items()))
+                stop = flags[2] > 0
+                if stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                    path = self.save()
+                if stop:
+                    name = signal.Signals(self._stop_signal or signal.SIGTERM).name \
+                        if self._stop_signal else "a stop signal on another rank"
+                    self.print(f"received {name}: saved {path} at step {self.step}/"
+                               f"{self.total_steps}; resume with the same command and "
+                               "--resume auto")
+                    return {"stopped": True, "step": self.step}
+        finally:
+            bar.close()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        path = self.save()
+        results = {"step": self.step, "epochs": round(self.step / self.steps_per_epoch, 4),
+                   "wall_time_s": round(time.time() - started, 2), "checkpoint": str(path),
+                   **metrics}
+        if self.is_main:
+            write_json(self.out / "results.json", results)
+        acc.end_training()
+        return results
