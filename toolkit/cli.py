@@ -42,3 +42,7 @@ def _plot(args: list[str]) -> None:
     parser.add_argument("--out", help="image path (default RUN_DIR/metrics.png)")
     ns = parser.parse_args(args)
     print(plot_run(ns.run_dir, ns.out))
+
+
+if __name__ == "__main__":  # python -m toolkit.cli plot RUN_DIR
+    main()

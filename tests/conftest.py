@@ -1,0 +1,61 @@
+"""Launch recipes as real programs: one process, ``torchrun`` or ``accelerate launch``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "tiny.py"
+DIGITS = ROOT / "recipes" / "digits.py"
+CPU_2PROC = ROOT / "launch" / "cpu-2proc.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(script: Path, args: list[str], launcher: str = "python", nproc: int = 2) -> list[str]:
+    """The command line a user would type, with this interpreter and a free port."""
+    if launcher == "python":
+        return [sys.executable, str(script), *args]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
+                "--main_process_port", str(free_port()), str(script), *args]
+    raise ValueError(launcher)
+
+
+def env(**extra: str) -> dict:
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+         "TOKENIZERS_PARALLELISM": "false", **extra}
+    e.pop("ACCELERATE_USE_CPU", None)
+    return {**e, **extra}
+
+
+def launch(script: Path, args: list[str], launcher: str = "python", nproc: int = 2,
+           timeout: float = 300, check: bool = True, **env_extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(script, args, launcher, nproc), cwd=ROOT, env=env(**env_extra),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def dumps(prefix: Path, world: int) -> list[dict]:
+    return [torch.load(f"{prefix}.rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"

@@ -1,0 +1,179 @@
+"""Config: a bad value stops the run with one line naming it and what is allowed; flags
+override presets in both ``--a.b=v`` and ``--a.b v`` forms; config.json records the
+resolved values.
+
+Parsing is tested in-process on the recipes' own config classes; the exit paths
+(one ``error:`` line, exit 2, nothing written) run ``tests/tiny.py`` as a real program.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from conftest import DIGITS, TINY, launch
+from toolkit.checkpoint import list_checkpoints
+from toolkit.cli import run
+from toolkit.config import parse, to_dict
+from toolkit.errors import UserError
+
+
+def load_recipe(path: Path) -> ModuleType:
+    """Import a recipe file (``recipes/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # @dataclass looks its module up while building the class
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def digits() -> ModuleType:
+    return load_recipe(DIGITS)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ModuleType:
+    return load_recipe(TINY)
+
+
+def one_error_line(stderr: str) -> str:
+    """The single non-empty stderr line of a run that stopped on a UserError."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def flat(text: str) -> str:
+    """tyro's boxed output with box characters and line wrapping removed."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+# ---- bad values: UserError naming the value and the allowed range --------------------------
+
+@pytest.mark.parametrize("args, expected", [
+    (["--optim.lr=-1"], ["lr=-1", "> 0"]),
+    (["--optim.lr", "0"], ["lr=0", "> 0"]),
+    (["--optim.betas", "0.9", "1.0"], ["betas[1]=1.0", "[0, 1)"]),
+    (["--optim.eps=0"], ["eps=0", "> 0"]),
+    (["--optim.wd=-0.1"], ["weight_decay=-0.1", ">= 0"]),
+    (["--schedule.div=0"], ["div=0", "> 0"]),
+    (["--schedule.pct=1.5"], ["pct=1.5", "(0, 1)"]),
+    (["--schedule.moms", "0.95", "1.2"], ["moms=(0.95, 1.2)", "[0, 1)"]),
+    (["--max-steps=-3"], ["max_steps=-3", ">= 1"]),
+    (["--keep-checkpoints", "1"], ["keep_checkpoints=1", ">= 2"]),
+    (["--preset", "huge"], ["'huge'", "default, adam-l2, sgd"]),
+    (["--preset=huge"], ["'huge'", "default, adam-l2, sgd"]),
+])
+def test_bad_value_raises_user_error(digits, args, expected):
+    with pytest.raises(UserError) as e:
+        parse(digits.PRESETS, args)
+    message = str(e.value)
+    assert "\n" not in message
+    for part in expected:
+        assert part in message, (part, message)
+
+
+def test_bad_value_in_tiny_recipe(tiny):
+    with pytest.raises(UserError, match=r"lr=-1\.0 must be > 0"):
+        parse({"default": tiny.Config}, ["--optim.lr=-1"])
+
+
+@pytest.mark.parametrize("args, value", [
+    (["--optim.name", "lamb"], "lamb"),  # a Literal choice: tyro rejects it itself
+    (["--optim.lr", "fast"], "fast"),  # not a float
+])
+def test_unparseable_value_exits_2_naming_it(digits, capsys, args, value):
+    # tyro handles these before our checks run: it prints a boxed message and exits 2.
+    with pytest.raises(SystemExit) as e:
+        parse(digits.PRESETS, args)
+    assert e.value.code == 2
+    err = flat(capsys.readouterr().err)
+    assert value in err and "--optim." in err, err
+    if value == "lamb":
+        assert "adamw" in err and "sgd" in err, err  # says what is allowed
+
+
+# ---- overrides and presets -------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["--optim.lr=0.003"], ["--optim.lr", "0.003"]])
+def test_override_both_forms(digits, args):
+    cfg = parse(digits.PRESETS, args)
+    assert cfg.optim.lr == 0.003
+    assert cfg.optim.wd == 1e-2 and cfg.schedule.div == 10  # the rest stays as the preset has it
+
+
+def test_top_level_flags_land_in_train(digits):
+    cfg = parse(digits.PRESETS, ["--epochs", "3", "--max-steps", "5", "--output-dir", "X",
+                                 "--seed", "4", "--resume", "auto", "--lr-find"])
+    t = cfg.train
+    assert (t.epochs, t.max_steps, t.output_dir, t.seed, t.resume, t.lr_find) == \
+        (3, 5, "X", 4, "auto", True)
+    assert t.batch_size == 64  # the recipe's own default, untouched
+
+
+def test_preset_then_flags(digits):
+    assert parse(digits.PRESETS, []).optim.name == "adamw"
+    cfg = parse(digits.PRESETS, ["--preset", "adam-l2"])
+    assert cfg.optim.name == "adam" and cfg.optim.wd == 1e-4
+    cfg = parse(digits.PRESETS, ["--optim.lr", "0.02", "--preset=adam-l2", "--optim.amsgrad"])
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.wd, cfg.optim.amsgrad) == \
+        ("adam", 0.02, 1e-4, True)
+
+
+def test_help_lists_flags_with_defaults(digits, capsys, monkeypatch):
+    # What `python recipes/digits.py --help` does, without paying for a second interpreter.
+    monkeypatch.setattr(sys, "argv", [str(DIGITS), "--help"])
+    with pytest.raises(SystemExit) as e:
+        run(digits.main)
+    assert e.value.code in (0, None)
+    out = flat(capsys.readouterr().out)
+    assert "--preset NAME" in out and "adam-l2" in out
+    defaults = {"--optim.lr": "0.01", "--schedule.div": "10", "--epochs": "15",
+                "--output-dir": "runs/digits", "--resume": "None", "--lr-find": "False"}
+    for flag, default in defaults.items():
+        shown = re.search(re.escape(flag) + r"[ ,].*?\(default: ([^)]*)\)", out)
+        assert shown and shown.group(1) == default, (flag, shown and shown.group(0))
+
+
+# ---- exit paths of a real run ------------------------------------------------------------------
+
+def test_bad_value_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    proc = launch(TINY, ["--optim.lr=-1", "--output-dir", str(out)], check=False)
+    assert proc.returncode == 2, proc.stderr
+    line = one_error_line(proc.stderr)
+    assert "lr=-1" in line and "> 0" in line
+    assert not out.exists()
+
+
+def test_non_finite_loss_exits_2_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = launch(TINY, ["--optim.name", "sgd", "--optim.lr", "1e12", "--max-steps", "6",
+                         "--checkpoint-every", "1", "--output-dir", str(out)], check=False)
+    assert proc.returncode == 2, proc.stderr
+    line = one_error_line(proc.stderr)
+    assert line.startswith("error: non-finite loss") and "--optim.lr" in line
+    bad_step = int(re.search(r"at step (\d+)", line).group(1))
+    # Checkpoints of the steps before are fine; the diverged step must not get one.
+    assert [step for step, _ in list_checkpoints(out / "checkpoints")] == list(range(1, bad_step))
+
+
+def test_config_json_holds_resolved_values(tmp_path, tiny):
+    out = tmp_path / "run"
+    args = ["--max-steps", "3", "--optim.lr", "0.003", "--schedule.div=25", "--seed", "4",
+            "--output-dir", str(out)]
+    launch(TINY, args)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["optim"]["lr"] == 0.003 and saved["schedule"]["div"] == 25
+    assert saved["train"]["max_steps"] == 3 and saved["train"]["output_dir"] == str(out)
+    assert saved["optim"]["betas"] == [0.95, 0.99] and saved["examples"] == 320  # defaults too
+    expected = json.loads(json.dumps(to_dict(parse({"default": tiny.Config}, args)), default=str))
+    assert saved == expected

@@ -1,0 +1,93 @@
+"""A tiny recipe for the tests: an MLP with dropout on a synthetic set whose examples carry
+their index, so each rank can report what it saw. Launched by the tests as a real program
+(``python``, ``torchrun``, ``accelerate launch``) exactly like a recipe.
+
+    python tests/tiny.py --output-dir /tmp/t --dump /tmp/t/dump
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from toolkit.cli import run
+from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, parse, to_dict
+from toolkit.lr_finder import lr_find
+from toolkit.trainer import Trainer
+
+
+@dataclass
+class Config:
+    train: Train = field(default_factory=lambda: TrainConfig(
+        output_dir="runs/tiny", epochs=2, batch_size=32, log_every=1, progress=False))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2, wd=0.1))
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    examples: int = 320
+    """Training examples (the eval set has a quarter as many)."""
+    dropout: float = 0.0
+    """Dropout after the hidden layer (exercises the RNG on resume)."""
+    dump: str | None = None
+    """Write per-rank indices, lr/beta1 per step and final parameters to DUMP.rankN.pt."""
+    step_sleep: float = 0.0
+    """Seconds to sleep after each optimizer step (so a test can kill it mid-run)."""
+
+
+def dataset(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, generator=g)
+    y = (x[:, :4].argmax(1) + (x[:, 4] > 1).long()) % 4
+    return TensorDataset(x, y, torch.arange(n))
+
+
+class TinyTrainer(Trainer):
+    seen: list[list[int]]
+
+    def train_step(self, batch):
+        x, y, idx = batch
+        self.seen.append(idx.tolist())
+        return F.cross_entropy(self.model(x), y)
+
+    def eval_step(self, batch):
+        return super().eval_step(batch[:2])
+
+    def optimizer_step(self, it, step_schedule=True):
+        self.schedule_seen.append(self.lr_and_beta1())
+        loss = super().optimizer_step(it, step_schedule)
+        if self.sleep:
+            time.sleep(self.sleep)
+        return loss
+
+
+def main() -> None:
+    cfg = parse({"default": Config})
+    torch.manual_seed(cfg.train.seed)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(64, 4))
+    trainer = TinyTrainer(model, dataset(cfg.examples, 1), dataset(cfg.examples // 4, 2),
+                          train=cfg.train, optim=cfg.optim, schedule=cfg.schedule,
+                          config=to_dict(cfg))
+    trainer.seen, trainer.schedule_seen, trainer.sleep = [], [], cfg.step_sleep
+    if cfg.train.lr_find:
+        result = lr_find(trainer, num_steps=60)
+        out = {"steps": len(result["lrs"]), "suggestions": result["suggestions"]}
+    else:
+        out = trainer.fit()
+    if cfg.dump:
+        acc = trainer.accelerator
+        torch.save({"world": acc.num_processes, "rank": acc.process_index,
+                    "distributed_type": str(acc.distributed_type), "seen": trainer.seen,
+                    "schedule": trainer.schedule_seen, "result": out,
+                    "params": {k: v.detach().cpu().clone() for k, v in
+                               acc.unwrap_model(trainer.model).state_dict().items()}},
+                   f"{cfg.dump}.rank{acc.process_index}.pt")
+    print("RESULT " + json.dumps({"rank": int(os.environ.get("RANK", 0)), **out}))
+
+
+if __name__ == "__main__":
+    run(main)
