@@ -67,6 +67,10 @@ class Trainer:
             mixed_precision="no" if train.precision == "fp32" else train.precision,
             log_with="tensorboard", project_dir=str(self.out))
         check_world_size(acc)
+        if train.precision == "fp16" and acc.device.type == "cpu":
+            # Accelerate 1.15 would silently train in fp32 (no autocast, no scaler) on CPU.
+            raise UserError("precision=fp16 needs a GPU (on CPU Accelerate ignores it and trains "
+                            "in fp32); use --precision bf16 or fp32 on CPU")
         world, rank = acc.num_processes, acc.process_index
         self.sampler = GlobalBatchSampler(len(train_data), train.batch_size, world=world,
                                           rank=rank, accum=train.grad_accum, seed=train.seed)
