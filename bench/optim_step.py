@@ -47,25 +47,22 @@ def model_shapes(n_params: int) -> list[tuple[int, ...]]:
     return [(max(rest // d, 1), d)] + shapes
 
 
-def timed(fn: Callable[[], object], sync: Callable[[], None], warmup: int, steps: int) -> float:
-    """Median seconds of ``fn`` over ``steps`` calls after ``warmup`` untimed ones."""
+def interleaved(fns: dict[str, Callable[[], object]], sync: Callable[[], None], warmup: int,
+                steps: int) -> dict[str, float]:
+    """Median seconds per call of each fn, calling them in turn every round: a machine
+    shared with other work then slows them all alike instead of whichever ran at the time."""
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     sync()
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def bandwidth(n: int, device: str, sync: Callable[[], None]) -> float:
-    """Bytes/s of ``c = a + b`` over ``n`` fp32 elements: 2 arrays read, 1 written."""
-    a, b, c = (torch.rand(n, device=device) for _ in range(3))
-    seconds = timed(lambda: torch.add(a, b, out=c), sync, warmup=3, steps=20)
-    return 12 * n / seconds
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def optimizers(device: str, amsgrad: bool) -> dict[str, Callable[[list], object]]:
@@ -105,8 +102,8 @@ def device_name(device: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=25e6, help="parameters to update")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", help="also append the markdown to this file")
     args = parser.parse_args()
@@ -120,39 +117,39 @@ def main() -> None:
     for p in params:
         p.grad = torch.randn_like(p)
     n = sum(p.numel() for p in params)
-    bw = bandwidth(max(n, 1 << 24), args.device, sync)
+    # The bandwidth probe, c = a + b: 2 arrays read, 1 written, each far larger than caches.
+    a, b, c = (torch.rand(max(n, 1 << 24), device=args.device) for _ in range(3))
+    probe_bytes = 12 * a.numel()
 
     lines = [
         f"{datetime.date.today()}, {device_name(args.device)}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; {n / 1e6:.1f}M fp32 params in {len(params)} "
-        f"tensors; `torch.add` bandwidth {bw / 1e9:.1f} GB/s; median of {args.steps} steps "
-        f"after {args.warmup}.",
+        f"tensors; median of {args.steps} rounds after {args.warmup}, each round one step "
+        "of every impl and one bandwidth probe.",
         f"Command: `python {' '.join(sys.argv)}`",
     ]
     for label, amsgrad in (("AdamW", False), ("AMSGrad", True)):
-        results = {}
+        fns, failed = {"probe": lambda: torch.add(a, b, out=c)}, {}
         for name, make in optimizers(args.device, amsgrad).items():
             try:
                 opt = make(params)
             except Exception as e:  # noqa: BLE001 - a DeepSpeed op that fails to build
-                results[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                failed[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
                 continue
-            if hasattr(opt, "impl"):
-                name = f"{name}: {opt.impl}"
-            results[name] = timed(opt.step, sync, args.warmup, args.steps)
-            del opt  # frees m, v before the next one allocates its own
-        fastest = min(t for t in results.values() if isinstance(t, float))
+            fns[f"{name}: {opt.impl}" if hasattr(opt, "impl") else name] = opt.step
+        results = interleaved(fns, sync, args.warmup, args.steps)
+        del fns  # frees every optimizer's state before the next phase allocates its own
+        bw = probe_bytes / results.pop("probe")
         bound = BYTES_PER_PARAM[label] * n / bw
-        lines += ["", f"{label} ({BYTES_PER_PARAM[label]} bytes/param, bound "
-                      f"{bound * 1e3:.1f} ms/step):", "",
+        fastest = min(results.values())
+        lines += ["", f"{label}: {BYTES_PER_PARAM[label]} bytes/param; `torch.add` bandwidth "
+                      f"{bw / 1e9:.1f} GB/s, so the bound is {bound * 1e3:.1f} ms/step.", "",
                   "| impl | ms/step | Mparams/s | ratio to fastest | fraction of bandwidth bound |",
                   "|---|---:|---:|---:|---:|"]
         for name, t in results.items():
-            if isinstance(t, str):
-                lines.append(f"| {name} | {t} | | | |")
-            else:
-                lines.append(f"| {name} | {t * 1e3:.1f} | {n / t / 1e6:.0f} | "
-                             f"{t / fastest:.2f} | {bound / t:.2f} |")
+            lines.append(f"| {name} | {t * 1e3:.1f} | {n / t / 1e6:.0f} | "
+                         f"{t / fastest:.2f} | {bound / t:.2f} |")
+        lines += [f"| {name} | {why} | | | |" for name, why in failed.items()]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY, env, launch
-from toolkit.plot import read_metrics
+from toolkit.plot import plot_run, read_metrics
 
 TRAIN_KEYS = {"step", "epoch", "lr", "beta1", "train_loss"}
 EVAL_KEYS = {"step", "epoch", "valid_loss", "valid_accuracy"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +54,20 @@ def test_tensorboard_events_match_metrics(run):
     assert events and all(e.stat().st_size > 0 for e in events)
     acc = EventAccumulator(str(events[0]))
     acc.Reload()
-    assert {"lr", "beta1", "train_loss", "valid_loss", "valid_accuracy"} <= set(acc.Tags()["scalars"])
-    logged = {r["step"]: r["train_loss"] for r in rows_of(run / "metrics.jsonl") if "train_loss" in r}
+    tags = set(acc.Tags()["scalars"])
+    assert {"lr", "beta1", "train_loss", "valid_loss", "valid_accuracy"} <= tags
+    logged = {r["step"]: r["train_loss"] for r in rows_of(run / "metrics.jsonl")
+              if "train_loss" in r}
     assert {s.step: s.value for s in acc.Scalars("train_loss")} == pytest.approx(logged, rel=1e-6)
 
 
-def test_toolkit_plot_writes_png(run, tmp_path):
+def test_toolkit_plot_writes_png(run):
     proc = toolkit_cli("plot", str(run))
     assert proc.returncode == 0, proc.stderr
     png = run / "metrics.png"
     assert proc.stdout.strip().splitlines()[-1] == str(png)
     data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000
 
 
 def test_read_metrics_keeps_last_row_of_a_repeated_step(run, tmp_path):
@@ -84,6 +87,7 @@ def test_read_metrics_keeps_last_row_of_a_repeated_step(run, tmp_path):
                                        {**first_train[3], "train_loss": 104}]
     assert evals == [first_evals[0], {**first_evals[1], "valid_loss": 200.0}]
     assert len(kept) == 6 and [r["step"] for r in kept] == sorted(r["step"] for r in kept)
+    assert plot_run(resumed).read_bytes()[:8] == PNG_MAGIC
 
 
 def test_toolkit_plot_of_missing_dir_exits_2(tmp_path):

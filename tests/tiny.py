@@ -37,6 +37,12 @@ class Config:
     """Write per-rank indices, lr/beta1 per step and final parameters to DUMP.rankN.pt."""
     step_sleep: float = 0.0
     """Seconds to sleep after each optimizer step (so a test can kill it mid-run)."""
+    then_fit: bool = False
+    """With --lr-find: train afterwards in the same process (the finder must leave no trace)."""
+
+
+def model(dropout: float) -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Dropout(dropout), nn.Linear(64, 4))
 
 
 def dataset(n: int, seed: int) -> TensorDataset:
@@ -68,16 +74,18 @@ class TinyTrainer(Trainer):
 def main() -> None:
     cfg = parse({"default": Config})
     torch.manual_seed(cfg.train.seed)
-    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(64, 4))
-    trainer = TinyTrainer(model, dataset(cfg.examples, 1), dataset(cfg.examples // 4, 2),
+    trainer = TinyTrainer(model(cfg.dropout), dataset(cfg.examples, 1), dataset(cfg.examples // 4, 2),
                           train=cfg.train, optim=cfg.optim, schedule=cfg.schedule,
                           config=to_dict(cfg))
     trainer.seen, trainer.schedule_seen, trainer.sleep = [], [], cfg.step_sleep
+    out = {}
     if cfg.train.lr_find:
         result = lr_find(trainer, num_steps=60)
-        out = {"steps": len(result["lrs"]), "suggestions": result["suggestions"]}
-    else:
-        out = trainer.fit()
+        out = {"steps": len(result["lrs"]), "suggestions": result["suggestions"],
+               "optimizer_state": len(trainer.optimizer.state), "rng": torch.get_rng_state()}
+        trainer.seen, trainer.schedule_seen = [], []
+    if not cfg.train.lr_find or cfg.then_fit:
+        out.update(trainer.fit())
     if cfg.dump:
         acc = trainer.accelerator
         torch.save({"world": acc.num_processes, "rank": acc.process_index,
@@ -86,6 +94,7 @@ def main() -> None:
                     "params": {k: v.detach().cpu().clone() for k, v in
                                acc.unwrap_model(trainer.model).state_dict().items()}},
                    f"{cfg.dump}.rank{acc.process_index}.pt")
+    out.pop("rng", None)
     print("RESULT " + json.dumps({"rank": int(os.environ.get("RANK", 0)), **out}))
 
 
