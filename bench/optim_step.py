@@ -3,7 +3,7 @@
 An Adam step is pure streaming: AdamW reads p, g, m, v and writes p, m, v, 28 bytes per
 fp32 parameter (AMSGrad adds vmax: 36). So no kernel beats those bytes divided by the
 bandwidth a plain elementwise op gets here, which this script measures in the same run
-(``torch.add(a, b, out=c)`` over arrays far larger than the caches). It times the toolkit's
+(``a.add_(b)`` over arrays far larger than the caches). It times the toolkit's
 choice (``build_optimizer(impl="auto")``) against torch's for-loop, foreach and fused
 kernels, DeepSpeedCPUAdam on CPU (AdamW only: it has no AMSGrad) and the compiled step on
 CUDA, over ~25M parameters shaped like a small transformer + LSTM language model.
@@ -50,16 +50,18 @@ def model_shapes(n_params: int) -> list[tuple[int, ...]]:
 def interleaved(fns: dict[str, Callable[[], object]], sync: Callable[[], None], warmup: int,
                 steps: int) -> dict[str, float]:
     """Median seconds per call of each fn, calling them in turn every round: a machine
-    shared with other work then slows them all alike instead of whichever ran at the time."""
+    shared with other work then slows them all alike instead of whichever ran at the time.
+    The order rotates each round, so that none always runs after the same neighbour."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync()
-    times = {name: [] for name in fns}
-    for _ in range(steps):
-        for name, fn in fns.items():
+    names = list(fns)
+    times = {name: [] for name in names}
+    for r in range(steps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -102,7 +104,7 @@ def device_name(device: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=25e6, help="parameters to update")
-    parser.add_argument("--steps", type=int, default=10, help="timed rounds (median)")
+    parser.add_argument("--steps", type=int, default=20, help="timed rounds (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", help="also append the markdown to this file")
@@ -117,8 +119,10 @@ def main() -> None:
     for p in params:
         p.grad = torch.randn_like(p)
     n = sum(p.numel() for p in params)
-    # The bandwidth probe, c = a + b: 2 arrays read, 1 written, each far larger than caches.
-    a, b, c = (torch.rand(max(n, 1 << 24), device=args.device) for _ in range(3))
+    # The bandwidth probe, a += b: 2 arrays read, 1 written, each far larger than the caches.
+    # In place like the optimizers: writing a third array would also read each of its lines
+    # first (write-allocate), and counting 12 bytes would understate the bandwidth by ~25%.
+    a, b = (torch.rand(max(n, 1 << 24), device=args.device) for _ in range(2))
     probe_bytes = 12 * a.numel()
 
     lines = [
@@ -129,7 +133,7 @@ def main() -> None:
         f"Command: `python {' '.join(sys.argv)}`",
     ]
     for label, amsgrad in (("AdamW", False), ("AMSGrad", True)):
-        fns, failed = {"probe": lambda: torch.add(a, b, out=c)}, {}
+        fns, failed = {"probe": lambda: a.add_(b)}, {}
         for name, make in optimizers(args.device, amsgrad).items():
             try:
                 opt = make(params)
@@ -142,7 +146,7 @@ def main() -> None:
         bw = probe_bytes / results.pop("probe")
         bound = BYTES_PER_PARAM[label] * n / bw
         fastest = min(results.values())
-        lines += ["", f"{label}: {BYTES_PER_PARAM[label]} bytes/param; `torch.add` bandwidth "
+        lines += ["", f"{label}: {BYTES_PER_PARAM[label]} bytes/param; `a.add_(b)` bandwidth "
                       f"{bw / 1e9:.1f} GB/s, so the bound is {bound * 1e3:.1f} ms/step.", "",
                   "| impl | ms/step | Mparams/s | ratio to fastest | fraction of bandwidth bound |",
                   "|---|---:|---:|---:|---:|"]

@@ -37,7 +37,8 @@ def command(script: Path, args: list[str], launcher: str = "python", nproc: int 
 
 
 def env(**extra: str) -> dict:
-    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    e = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1",
          "TOKENIZERS_PARALLELISM": "false", **extra}
     e.pop("ACCELERATE_USE_CPU", None)
     return {**e, **extra}

@@ -41,7 +41,11 @@ def check_world_size(accelerator: Accelerator) -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks in place (no-op in a single process)."""
+    """Sum ``t`` over ranks (no-op in a single process); NCCL reduces on the GPU."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        on = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else t.device
+        moved = t.to(on)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        return moved.to(t.device)
     return t

@@ -153,7 +153,7 @@ class Trainer:
         for batch in batches(self.eval_data, self.eval_sampler):
             batch = send_to_device(batch, self.accelerator.device)
             for k, v in self.eval_step(batch).items():
-                sums[k] = sums.get(k, 0) + v.detach().double()
+                sums[k] = sums.get(k, 0) + v.detach().double().cpu()
         self.model.train()
         keys = sorted(sums)
         totals = all_reduce_sum(torch.stack([sums[k] for k in keys]))
