@@ -8,9 +8,13 @@ choice (``build_optimizer(impl="auto")``) against torch's for-loop, foreach and 
 kernels, DeepSpeedCPUAdam on CPU (AdamW only: it has no AMSGrad) and the compiled step on
 CUDA, over ~25M parameters shaped like a small transformer + LSTM language model.
 
-    python bench/optim_step.py                     # 25M params, CPU, ~2 min on 2 cores
+    python bench/optim_step.py                     # 25M params, CPU: ~30 s on 2 cores
     python bench/optim_step.py --device cuda --params 250e6
     python bench/optim_step.py --out docs/benchmarks.md   # also append the tables there
+
+The first CPU run also JIT-builds DeepSpeed's op (~40 s; a failed build becomes a table
+row). Every optimizer of a table lives at once (they are timed in interleaved rounds):
+memory is about (4 + 5 impls x 2 or 3 states) x 4 bytes per parameter.
 """
 
 from __future__ import annotations

@@ -84,8 +84,8 @@ def default_impl(params: Iterable[torch.Tensor]) -> str:
     """The fastest correct torch kernel for where the parameters live.
 
     ``fused`` runs on CPU and CUDA for Adam/AdamW, AMSGrad included, and for SGD: measured
-    at 90-98% of the memory-bandwidth bound on CPU (``bench/optim_step.py``), 2-3x ahead of
-    foreach and for-loop. Other devices fall back to foreach.
+    at 88-100% of the memory-bandwidth bound on a 2-core CPU and ~80% on an H200
+    (``docs/benchmarks.md``), 2-5x ahead of foreach and for-loop. Other devices: foreach.
     """
     devices = {p.device.type for p in params}
     return "fused" if devices <= {"cpu", "cuda"} else "foreach"
@@ -124,6 +124,10 @@ def build_optimizer(
     kernel = {"fused": {"fused": True}, "foreach": {"foreach": True},
               "forloop": {"foreach": False}, "compiled": {"foreach": False}}[impl]
     if name == "sgd":
+        if impl == "compiled":
+            # SGD's momentum is a float that 1cycle changes every step: each step would
+            # recompile, and as a tensor torch 2.14 reuses a stale value (pytorch#197889).
+            raise ValueError("impl='compiled' is for adam and adamw; sgd uses 'fused'")
         if nesterov and momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
         opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
