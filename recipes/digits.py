@@ -95,11 +95,12 @@ def main() -> None:
         result = lr_find(trainer)
         trainer.print(f"lr_find suggestions: {result['suggestions']} "
                       f"(plot: {cfg.train.output_dir}/lr_find.png)")
-        return
-    results = trainer.fit()
-    if "valid_accuracy" in results:
-        trainer.print(f"test accuracy {results['valid_accuracy']:.4f} after {results['step']} "
-                      f"steps ({results['wall_time_s']} s)")
+    else:
+        results = trainer.fit()
+        if "valid_accuracy" in results:
+            trainer.print(f"test accuracy {results['valid_accuracy']:.4f} after "
+                          f"{results['step']} steps ({results['wall_time_s']} s)")
+    trainer.close()
 
 
 if __name__ == "__main__":

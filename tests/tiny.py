@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from toolkit import strategy
 from toolkit.cli import run
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, parse, to_dict
 from toolkit.lr_finder import lr_find
@@ -64,7 +65,10 @@ class TinyTrainer(Trainer):
         return super().eval_step(batch[:2])
 
     def optimizer_step(self, it, step_schedule=True):
-        self.schedule_seen.append(self.lr_and_beta1())
+        # Read from the optimizer that really steps: inside the DeepSpeed engine, if any.
+        inner = strategy.torch_optimizer(getattr(self.model, "optimizer", None) or self.optimizer)
+        group = inner.param_groups[0]
+        self.schedule_seen.append({"lr": float(group["lr"]), "beta1": float(group["betas"][0])})
         loss = super().optimizer_step(it, step_schedule)
         if self.sleep:
             time.sleep(self.sleep)
@@ -91,9 +95,10 @@ def main() -> None:
         torch.save({"world": acc.num_processes, "rank": acc.process_index,
                     "distributed_type": str(acc.distributed_type), "seen": trainer.seen,
                     "schedule": trainer.schedule_seen, "result": out,
-                    "params": {k: v.detach().cpu().clone() for k, v in
-                               acc.unwrap_model(trainer.model).state_dict().items()}},
+                    "optimizer_bytes": strategy.optimizer_state_bytes(trainer.optimizer),
+                    "params": strategy.full_state_dict(acc, trainer.model)},
                    f"{cfg.dump}.rank{acc.process_index}.pt")
+    trainer.close()
     out.pop("rng", None)
     print("RESULT " + json.dumps({"rank": int(os.environ.get("RANK", 0)), **out}))
 

@@ -107,6 +107,13 @@ class TrainConfig:
     """Clip the global gradient norm to this value."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Mixed precision (fp16 uses a loss scaler)."""
+    strategy: Literal["auto", "ddp", "zero1", "zero2", "zero3", "zero2-offload",
+                      "zero3-offload"] = "auto"
+    """auto = what the launcher set up (DDP over its processes, or an Accelerate DeepSpeed
+    config); zeroN = DeepSpeed ZeRO stage N; -offload = optimizer state (and stage-3
+    parameters) in CPU memory."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON to merge into the generated one (extra keys; conflicts are errors)."""
     eval_every: int = 0
     """Evaluate every N optimizer steps; 0 = at the end of each epoch."""
     log_every: int = 10

@@ -22,10 +22,13 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def prepare_env() -> None:
-    """Call before ``Accelerator()``: multi-process CPU runs need ``ACCELERATE_USE_CPU``."""
-    if launcher_world_size() > 1 and not torch.cuda.is_available():
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+def prepare_env(deepspeed: bool = False) -> None:
+    """Call before ``Accelerator()``: multi-process CPU runs need ``ACCELERATE_USE_CPU``
+    (without DeepSpeed: with it, that flag turns the run into plain MULTI_CPU)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's ops and comm on CPU
+        if launcher_world_size() > 1 and not deepspeed:
+            os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def check_world_size(accelerator: Accelerator) -> None:

@@ -9,8 +9,8 @@ stops deadlock the next collective, fastai #2485).
 
 from __future__ import annotations
 
-import copy
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +46,16 @@ def lr_find(trainer, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: in
         raise ValueError(f"lr_find needs 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
     if num_steps < 2:
         raise ValueError(f"num_steps={num_steps} must be >= 2")
-    acc, opt = trainer.accelerator, trainer.optimizer
-    model = acc.unwrap_model(trainer.model)
-    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), rng_state(),
-             trainer.step)
+    acc, opt = trainer.accelerator, trainer.scheduler.optimizer
+    # Snapshot through the checkpoint code: the one way that also restores ZeRO shards,
+    # DeepSpeed's counters and the loss scaler. Collective, like the sweep.
+    snapshot = Path(trainer.cfg.output_dir) / ".lr_find_state"
+    if acc.is_main_process:
+        shutil.rmtree(snapshot, ignore_errors=True)
+        snapshot.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(snapshot))
+    saved_rng, saved_step = rng_state(), trainer.step
     top = max(trainer.scheduler.base_lrs)
     ratios = [b / top for b in trainer.scheduler.base_lrs]
     it = trainer.train_batches()
@@ -68,10 +74,12 @@ def lr_find(trainer, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: in
         if not math.isfinite(value) or value > stop_div * best:
             break
         best = min(best, value)
-    model.load_state_dict(saved[0])
-    opt.load_state_dict(saved[1])
-    set_rng_state(saved[2])
-    trainer.step = saved[3]
+    acc.load_state(str(snapshot))
+    set_rng_state(saved_rng)
+    trainer.step = saved_step
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(snapshot)
     finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
     result = {"lrs": lrs, "losses": losses, "smoothed": smoothed,
               "suggestions": suggestions([lrs[i] for i in finite], [smoothed[i] for i in finite])}

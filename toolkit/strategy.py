@@ -54,6 +54,9 @@ def from_launcher() -> tuple[str | None, dict | None]:
     else:
         stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
         offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") != "none"
+    # The launcher's settings are folded into the generated config now; Accelerate would
+    # refuse our config beside the YAML's fields (it cannot know they agree).
+    os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
     if stage not in (1, 2, 3) or (offload and stage == 1):
         raise UserError(f"the launcher asks for ZeRO stage {stage}"
                         f"{' with offload' if offload else ''}; the toolkit runs stages 1, 2, 3 "
@@ -87,9 +90,9 @@ def deepspeed_config(stage: int, offload: bool, *, micro_batch: int, grad_accum:
     """The DeepSpeed JSON for a toolkit run, ``user``'s extra keys merged in."""
     zero: dict = {"stage": stage}
     if offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {"device": "cpu"}
         if stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+            zero["offload_param"] = {"device": "cpu"}
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
@@ -127,7 +130,8 @@ def merge(ours: dict, user: dict, prefix: str = "") -> dict:
 
 def torch_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside Accelerate's and DeepSpeed's wrappers: the one that steps."""
-    while not isinstance(optimizer, torch.optim.Optimizer):
+    # Accelerate's wrapper is itself a torch Optimizer; torch's own have no `.optimizer`.
+    while hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return optimizer
 

@@ -25,14 +25,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import send_to_device
+from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, send_to_device
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from toolkit import checkpoint
+from toolkit import checkpoint, strategy
 from toolkit.config import OptimConfig, ScheduleConfig, TrainConfig, write_json
-from toolkit.distributed import all_reduce_sum, check_world_size, prepare_env
+from toolkit.distributed import (all_reduce_sum, check_world_size, launcher_world_size,
+                                 prepare_env)
 from toolkit.errors import UserError
 from toolkit.sampler import GlobalBatchSampler, ShardSampler
 from toolkit.schedule import beta1_of
@@ -62,11 +63,28 @@ class Trainer:
                  config: dict | None = None, layer_groups: list[nn.Module] | None = None):
         self.cfg, self.config = train, config
         self.out = Path(train.output_dir)
-        prepare_env()
+        self.strategy, user_ds = strategy.resolve(train.strategy, train.deepspeed_config)
+        stage, offload = strategy.parse_strategy(self.strategy)
+        prepare_env(deepspeed=stage > 0)
+        world = launcher_world_size()
+        if train.batch_size % (world * train.grad_accum):
+            raise UserError(f"batch_size={train.batch_size} must be a multiple of processes x "
+                            f"grad_accum = {world} x {train.grad_accum}")
+        plugin = None if not stage else DeepSpeedPlugin(
+            hf_ds_config=strategy.deepspeed_config(
+                stage, offload, micro_batch=train.batch_size // (world * train.grad_accum),
+                grad_accum=train.grad_accum, world=world, clip=train.clip,
+                precision=train.precision, user=user_ds),
+            zero3_init_flag=False)
+        # DeepSpeed on CPU needs gloo named explicitly, or Accelerate reports one process.
+        handlers = [InitProcessGroupKwargs(backend="gloo")] \
+            if world > 1 and not torch.cuda.is_available() else []
         self.accelerator = acc = Accelerator(
             mixed_precision="no" if train.precision == "fp32" else train.precision,
-            log_with="tensorboard", project_dir=str(self.out))
+            log_with="tensorboard", project_dir=str(self.out), deepspeed_plugin=plugin,
+            kwargs_handlers=handlers)
         check_world_size(acc)
+        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         if train.precision == "fp16" and acc.device.type == "cpu":
             # Accelerate 1.15 would silently train in fp32 (no autocast, no scaler) on CPU.
             raise UserError("precision=fp16 needs a GPU (on CPU Accelerate ignores it and trains "
@@ -86,8 +104,10 @@ class Trainer:
             self.total_steps = min(self.total_steps, train.max_steps)
         optimizer = optim.build(model, layer_groups)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        # The schedule drives the torch optimizer itself, once per optimizer step.
-        self.scheduler = schedule.build(self.optimizer.optimizer, self.total_steps)
+        # The schedule drives the torch optimizer that really steps (inside DeepSpeed's
+        # ZeRO wrapper, if any), once per optimizer step.
+        self.scheduler = schedule.build(strategy.torch_optimizer(self.optimizer),
+                                        self.total_steps)
         acc.register_for_checkpointing(self.scheduler)
         # Dropout streams differ per rank; weights were seeded identically by the caller.
         torch.manual_seed(train.seed + 1_000_003 * rank)
@@ -122,18 +142,28 @@ class Trainer:
         total = torch.zeros((), device=acc.device)
         for a in range(accum):
             batch = send_to_device(next(it), acc.device)
-            # Gradients are all-reduced only on the last micro-batch of the step.
-            sync = contextlib.nullcontext() if a == accum - 1 else acc.no_sync(self.model)
-            with sync:
+            last = a == accum - 1
+            if self.deepspeed:
+                # The engine divides by its gradient_accumulation_steps (= grad_accum),
+                # reduces at the boundary, clips (its gradient_clipping) and steps there.
                 loss = self.train_step(batch)
-                acc.backward(loss / accum)
+                self.model.set_gradient_accumulation_boundary(last)
+                self.model.backward(loss)
+                if last:
+                    self.model.step()
+            else:
+                # Gradients are all-reduced only on the last micro-batch of the step.
+                with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                    loss = self.train_step(batch)
+                    acc.backward(loss / accum)
             total += loss.detach().float()
-        if self.cfg.clip is not None:
-            acc.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
-        self.optimizer.step()
+        if not self.deepspeed:
+            if self.cfg.clip is not None:
+                acc.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if step_schedule:
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return total / accum
 
     def train_batches(self):
@@ -162,7 +192,7 @@ class Trainer:
                 if k != "count"}
 
     def lr_and_beta1(self) -> dict[str, float]:
-        groups = self.optimizer.param_groups
+        groups = self.scheduler.optimizer.param_groups
         key = "beta1" if "betas" in groups[0] else "momentum"
         return {"lr": max(float(g["lr"]) for g in groups), key: beta1_of(groups[0])}
 
@@ -198,13 +228,14 @@ class Trainer:
                                 "resume with the same --epochs/--max-steps/--batch-size")
             self.print(f"resumed from {resume} at step {self.step}/{self.total_steps}")
         self.accelerator.init_trackers("tensorboard")
-        acc = self.accelerator
+        acc, opt = self.accelerator, self.scheduler.optimizer
         self.print(f"training {self.total_steps} steps ({self.steps_per_epoch} per epoch) on "
-                   f"{acc.num_processes} process(es), {acc.distributed_type.value}, "
+                   f"{acc.num_processes} process(es), {acc.distributed_type.value} "
+                   f"({self.strategy}), "
                    f"{acc.device}, {self.cfg.precision}; global batch {self.cfg.batch_size} = "
                    f"{acc.num_processes} x {self.cfg.grad_accum} x {self.sampler.micro}; "
-                   f"optimizer {type(self.optimizer.optimizer).__name__} "
-                   f"({getattr(self.optimizer.optimizer, 'impl', '?')})")
+                   f"optimizer {type(opt).__name__} ({getattr(opt, 'impl', '?')}"
+                   f"{', amsgrad' if opt.defaults.get('amsgrad') else ''})")
 
     def save(self) -> Path:
         return checkpoint.save(self.accelerator, self.out / "checkpoints", self.step,
@@ -275,5 +306,10 @@ class Trainer:
                    **metrics}
         if self.is_main:
             write_json(self.out / "results.json", results)
-        acc.end_training()
+        for tracker in acc.trackers:
+            tracker.finish()
         return results
+
+    def close(self) -> None:
+        """End the run: finish trackers and leave the process group (no collectives after)."""
+        self.accelerator.end_training()

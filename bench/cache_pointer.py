@@ -1,0 +1,166 @@
+"""Cache pointer scoring speed: the vectorized ``CachePointer`` against per-token loops.
+
+Sizes of the post's WikiText-2 evaluation: hidden 400, vocab 33,278, window 3785, bptt 2000,
+batch size 1, with the cache already full (the steady state of a 245k-token test set).
+Rows, all on the same data and timed in the same rounds:
+
+* toolkit ``CachePointer`` on float32 inputs (the model's dtype) and on float64 inputs;
+* ``cache_pointer_reference``, the tests' per-token loop, in float64 (what the issue
+  measures against) and in float32 (the fastest per-token loop here);
+* the per-token step of AWD-LSTM's ``pointer.py`` / the post's ``my_cache_pointer`` as
+  written: the history of targets held as dense one-hot rows, window x vocab per token.
+
+The per-token loops are timed on fewer tokens (``--ref-tokens``, ``--dense-tokens``) and
+reported per token. Each round runs every row once in a rotating order, so a neighbour on a
+shared machine slows them all alike; the table holds medians over the rounds.
+
+    python bench/cache_pointer.py                           # CPU, ~1-2 min on 2 cores
+    python bench/cache_pointer.py --out docs/benchmarks.md  # also append the table there
+    python bench/cache_pointer.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from toolkit.eval import CachePointer, cache_pointer_reference
+
+THETA, LAMBDA, WINDOW = 0.662, 0.1279, 3785  # the post's values
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(l.split(":", 1)[1].strip() for l in out.splitlines()
+                     if l.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def dense_one_hot_loop(p_vocab: torch.Tensor, hidden: torch.Tensor, one_hot: torch.Tensor,
+                       targets: torch.Tensor, start: int) -> float:
+    """pointer.py's inner loop for tokens ``start..`` of ``hidden``, each with a full window
+    of history: p_cache is the attention-weighted sum of dense one-hot rows."""
+    total = 0.0
+    for idx in range(len(p_vocab)):
+        g = start + idx
+        attn = torch.softmax(THETA * (hidden[g - WINDOW:g] @ hidden[g]), dim=0).view(-1, 1)
+        rows = one_hot[g - WINDOW:g]
+        p_cache = (attn.expand_as(rows) * rows).sum(0)
+        p = LAMBDA * p_cache + (1 - LAMBDA) * p_vocab[idx]
+        total += torch.log(p[targets[g]]).item()
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vocab", type=int, default=33278, help="WikiText-2's vocabulary")
+    parser.add_argument("--dim", type=int, default=400, help="last-layer hidden size")
+    parser.add_argument("--bptt", type=int, default=2000, help="tokens per scored batch")
+    parser.add_argument("--ref-tokens", type=int, default=100, help="tokens per round, reference")
+    parser.add_argument("--dense-tokens", type=int, default=2, help="tokens per round, one-hot")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--out", help="also append the markdown to this file")
+    args = parser.parse_args()
+    dev = args.device
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    torch.manual_seed(0)
+    n = WINDOW + args.bptt  # a full window of history, then one batch to score
+    hidden = torch.tanh(torch.randn(n, args.dim, device=dev))  # LSTM outputs lie in (-1, 1)
+    zipf = 1 / torch.arange(1, args.vocab + 1, dtype=torch.float64, device=dev)
+    targets = torch.multinomial(zipf, n, replacement=True)  # words repeat as in text
+    log_probs = torch.log_softmax(torch.randn(args.bptt, args.vocab, device=dev), dim=1)
+    log_probs64 = log_probs.double()
+    h, y = hidden[WINDOW:], targets[WINDOW:]
+    h64 = h.double()
+    r, d = args.ref_tokens, args.dense_tokens
+
+    def prefilled(dtype: torch.dtype) -> CachePointer:
+        cache = CachePointer(THETA, LAMBDA, WINDOW)
+        cache.score(torch.zeros(WINDOW, device=dev), hidden[:WINDOW].to(dtype), targets[:WINDOW])
+        return cache
+
+    caches = {torch.float32: prefilled(torch.float32), torch.float64: prefilled(torch.float64)}
+    history = {dt: (hidden[:WINDOW].to(dt), targets[:WINDOW]) for dt in caches}
+    one_hot = torch.nn.functional.one_hot(targets[:WINDOW + d], args.vocab).float()
+    p_vocab = log_probs[:d].exp()
+
+    # name -> (tokens per call, call); the cache is copied before each call, outside the timer.
+    rows: dict[str, tuple[int, Callable[[CachePointer | None], object]]] = {
+        "toolkit CachePointer, float32": (
+            args.bptt, lambda c: c.score(log_probs, h, y)),
+        "toolkit CachePointer, float64": (
+            args.bptt, lambda c: c.score(log_probs64, h64, y)),
+        "reference per-token loop, float64": (
+            r, lambda _: cache_pointer_reference(log_probs64[:r], h[:r], y[:r], history[torch.float64],
+                                                 theta=THETA, lambda_=LAMBDA, window=WINDOW)),
+        "reference per-token loop, float32": (
+            r, lambda _: cache_pointer_reference(log_probs[:r], h[:r], y[:r], history[torch.float32],
+                                                 theta=THETA, lambda_=LAMBDA, window=WINDOW,
+                                                 dtype=torch.float32)),
+        "pointer.py step (dense one-hot), float32": (
+            d, lambda _: dense_one_hot_loop(p_vocab, hidden, one_hot, targets, WINDOW)),
+    }
+    cache_of = {"toolkit CachePointer, float32": torch.float32,
+                "toolkit CachePointer, float64": torch.float64}
+
+    # The same tokens scored both ways must agree before their speeds are compared.
+    check = copy.deepcopy(caches[torch.float64]).score(log_probs64[:r], h64[:r], y[:r])[0]
+    ref = cache_pointer_reference(log_probs64[:r], h[:r], y[:r], history[torch.float64],
+                                  theta=THETA, lambda_=LAMBDA, window=WINDOW)[0]
+    assert abs(check - ref) < 1e-6, (check, ref)
+
+    names = list(rows)
+    for name in names:  # warm-up
+        rows[name][1](copy.deepcopy(caches.get(cache_of.get(name))))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for k in range(args.rounds):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            cache = copy.deepcopy(caches.get(cache_of.get(name)))
+            sync()
+            start = time.perf_counter()
+            rows[name][1](cache)
+            sync()
+            times[name].append((time.perf_counter() - start) / rows[name][0])
+    per_token = {name: statistics.median(t) for name, t in times.items()}
+
+    ref64 = per_token["reference per-token loop, float64"]
+    best_loop = min(t for name, t in per_token.items() if "toolkit" not in name)
+    lines = [
+        f"{datetime.date.today()}, {device_name(dev)}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; hidden {args.dim}, vocab {args.vocab}, window "
+        f"{WINDOW}, batches of {args.bptt} with a full cache; median of {args.rounds} rounds "
+        f"after 1, each round every row once (per-token loops on {r} and {d} tokens).",
+        f"Command: `python {' '.join(sys.argv)}`",
+        f"Agreement on {r} tokens: toolkit float64 {check:.6f} vs reference {ref:.6f} nats.",
+        "",
+        "| impl | tokens/s | ms/token | speedup vs float64 reference | speedup vs fastest per-token loop |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, t in per_token.items():
+        lines.append(f"| {name} | {1 / t:,.0f} | {t * 1e3:.3f} | {ref64 / t:.1f} | {best_loop / t:.1f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data sets and the batching that goes with them (WikiText-2 streams for language models)."""
