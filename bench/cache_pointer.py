@@ -75,9 +75,12 @@ def main() -> None:
     parser.add_argument("--dense-tokens", type=int, default=2, help="tokens per round, one-hot")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", help="also append the markdown to this file")
     args = parser.parse_args()
     dev = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
     torch.manual_seed(0)
@@ -120,11 +123,15 @@ def main() -> None:
     cache_of = {"toolkit CachePointer, float32": torch.float32,
                 "toolkit CachePointer, float64": torch.float64}
 
-    # The same tokens scored both ways must agree before their speeds are compared.
+    # The same tokens scored two ways must agree before their speeds are compared.
     check = copy.deepcopy(caches[torch.float64]).score(log_probs64[:r], h64[:r], y[:r])[0]
     ref = cache_pointer_reference(log_probs64[:r], h[:r], y[:r], history[torch.float64],
                                   theta=THETA, lambda_=LAMBDA, window=WINDOW)[0]
     assert abs(check - ref) < 1e-6, (check, ref)
+    dense = dense_one_hot_loop(p_vocab, hidden, one_hot, targets, WINDOW)
+    ref32 = cache_pointer_reference(log_probs[:d], h[:d], y[:d], history[torch.float32],
+                                    theta=THETA, lambda_=LAMBDA, window=WINDOW, dtype=torch.float32)[0]
+    assert abs(dense - ref32) < 1e-3, (dense, ref32)
 
     names = list(rows)
     for name in names:  # warm-up
@@ -154,7 +161,8 @@ def main() -> None:
         "|---|---:|---:|---:|---:|",
     ]
     for name, t in per_token.items():
-        lines.append(f"| {name} | {1 / t:,.0f} | {t * 1e3:.3f} | {ref64 / t:.1f} | {best_loop / t:.1f} |")
+        lines.append(f"| {name} | {1 / t:,.4g} | {t * 1e3:.3g} | {ref64 / t:.3g} | "
+                     f"{best_loop / t:.3g} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -23,7 +23,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(script: Path, args: list[str], launcher: str = "python", nproc: int = 2) -> list[str]:
+def command(script: Path, args: list[str], launcher: str = "python", nproc: int = 2,
+            config: Path = CPU_2PROC) -> list[str]:
     """The command line a user would type, with this interpreter and a free port."""
     if launcher == "python":
         return [sys.executable, str(script), *args]
@@ -31,7 +32,7 @@ def command(script: Path, args: list[str], launcher: str = "python", nproc: int 
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
     if launcher == "accelerate":
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                 "--main_process_port", str(free_port()), str(script), *args]
     raise ValueError(launcher)
 
@@ -45,8 +46,10 @@ def env(**extra: str) -> dict:
 
 
 def launch(script: Path, args: list[str], launcher: str = "python", nproc: int = 2,
-           timeout: float = 300, check: bool = True, **env_extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(command(script, args, launcher, nproc), cwd=ROOT, env=env(**env_extra),
+           timeout: float = 300, check: bool = True, config: Path = CPU_2PROC,
+           **env_extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(script, args, launcher, nproc, config), cwd=ROOT,
+                          env=env(**env_extra),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

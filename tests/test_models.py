@@ -328,7 +328,8 @@ def test_models_on_cuda_match_cpu(cls):
     cpu_out, _, _ = model(tokens, model.init_hidden(4))
     model.cuda()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "not part of single contiguous chunk" per call
+        # cuDNN's "weights are not part of single contiguous chunk" would fire at every call
+        warnings.filterwarnings("error", message=".*contiguous chunk")
         out, hidden, pen = model.train()(tokens.cuda(), model.init_hidden(4))
         (F.cross_entropy(model.logits(out).flatten(0, 1), tokens.cuda().flatten())
          + pen.ar + pen.tar).backward()

@@ -26,6 +26,9 @@ Which positions use the cache (the two originals differ; ``awd_warmup`` picks):
   (``start_idx == window``), does the first token of every later batch: the strict ``>``
   skips it although a full window is there. Mirrored here so its numbers can be matched.
 
+The post's loop also drops the stream's last partial batch (its ``TextReader.__len__`` is
+``n // bptt``); that is the data loop's business, not the cache's: score every batch.
+
 Only the target's probability is needed to score, so p_cache is never built over the
 vocabulary: the weights of the cached positions whose word equals the target are summed
 (an equality mask, no one-hot and no scatter).
@@ -61,7 +64,9 @@ class CachePointer:
     ``window`` hidden states and targets between batches (call :meth:`reset` between
     streams). Vectorized over the window: per chunk of queries, one matmul against the
     cached and current keys, a band mask for causality and the window, a softmax, and
-    a sum of the weights of the positions whose word is the target. Memory is O(chunk_size * (window + chunk_size)) on top of the inputs.
+    a sum of the weights of the positions whose word is the target. Memory is
+    O(chunk_size * (window + chunk_size)) on top of the inputs: ~9 MB per chunk of 512
+    against a window of 3785 in float32, where a whole 2000-token batch would take ~46 MB.
 
     The dot products run in float32 (float64 if ``hidden`` is float64): in half precision
     scores of size theta * h.h (up to theta * dim) would lose whole units.
