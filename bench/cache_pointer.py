@@ -104,47 +104,44 @@ def main() -> None:
     one_hot = torch.nn.functional.one_hot(targets[:WINDOW + d], args.vocab).float()
     p_vocab = log_probs[:d].exp()
 
-    # name -> (tokens per call, call); the cache is copied before each call, outside the timer.
-    rows: dict[str, tuple[int, Callable[[CachePointer | None], object]]] = {
+    def reference(k: int, dtype: torch.dtype) -> float:
+        lp = (log_probs64 if dtype == torch.float64 else log_probs)[:k]
+        return cache_pointer_reference(lp, h[:k], y[:k], history[dtype], theta=THETA,
+                                       lambda_=LAMBDA, window=WINDOW, dtype=dtype)[0]
+
+    # name -> (tokens per call, cache it needs, call); the cache is copied outside the timer.
+    rows: dict[str, tuple[int, torch.dtype | None, Callable[[CachePointer], object]]] = {
         "toolkit CachePointer, float32": (
-            args.bptt, lambda c: c.score(log_probs, h, y)),
+            args.bptt, torch.float32, lambda c: c.score(log_probs, h, y)),
         "toolkit CachePointer, float64": (
-            args.bptt, lambda c: c.score(log_probs64, h64, y)),
-        "reference per-token loop, float64": (
-            r, lambda _: cache_pointer_reference(log_probs64[:r], h[:r], y[:r], history[torch.float64],
-                                                 theta=THETA, lambda_=LAMBDA, window=WINDOW)),
-        "reference per-token loop, float32": (
-            r, lambda _: cache_pointer_reference(log_probs[:r], h[:r], y[:r], history[torch.float32],
-                                                 theta=THETA, lambda_=LAMBDA, window=WINDOW,
-                                                 dtype=torch.float32)),
+            args.bptt, torch.float64, lambda c: c.score(log_probs64, h64, y)),
+        "reference per-token loop, float64": (r, None, lambda _: reference(r, torch.float64)),
+        "reference per-token loop, float32": (r, None, lambda _: reference(r, torch.float32)),
         "pointer.py step (dense one-hot), float32": (
-            d, lambda _: dense_one_hot_loop(p_vocab, hidden, one_hot, targets, WINDOW)),
+            d, None, lambda _: dense_one_hot_loop(p_vocab, hidden, one_hot, targets, WINDOW)),
     }
-    cache_of = {"toolkit CachePointer, float32": torch.float32,
-                "toolkit CachePointer, float64": torch.float64}
 
     # The same tokens scored two ways must agree before their speeds are compared.
     check = copy.deepcopy(caches[torch.float64]).score(log_probs64[:r], h64[:r], y[:r])[0]
-    ref = cache_pointer_reference(log_probs64[:r], h[:r], y[:r], history[torch.float64],
-                                  theta=THETA, lambda_=LAMBDA, window=WINDOW)[0]
+    ref = reference(r, torch.float64)
     assert abs(check - ref) < 1e-6, (check, ref)
     dense = dense_one_hot_loop(p_vocab, hidden, one_hot, targets, WINDOW)
-    ref32 = cache_pointer_reference(log_probs[:d], h[:d], y[:d], history[torch.float32],
-                                    theta=THETA, lambda_=LAMBDA, window=WINDOW, dtype=torch.float32)[0]
+    ref32 = reference(d, torch.float32)
     assert abs(dense - ref32) < 1e-3, (dense, ref32)
 
     names = list(rows)
     for name in names:  # warm-up
-        rows[name][1](copy.deepcopy(caches.get(cache_of.get(name))))
+        rows[name][2](copy.deepcopy(caches.get(rows[name][1])))
     times: dict[str, list[float]] = {name: [] for name in names}
     for k in range(args.rounds):
         for name in names[k % len(names):] + names[:k % len(names)]:
-            cache = copy.deepcopy(caches.get(cache_of.get(name)))
+            tokens, dtype, call = rows[name]
+            cache = copy.deepcopy(caches.get(dtype))
             sync()
             start = time.perf_counter()
-            rows[name][1](cache)
+            call(cache)
             sync()
-            times[name].append((time.perf_counter() - start) / rows[name][0])
+            times[name].append((time.perf_counter() - start) / tokens)
     per_token = {name: statistics.median(t) for name, t in times.items()}
 
     ref64 = per_token["reference per-token loop, float64"]
@@ -155,13 +152,16 @@ def main() -> None:
         f"{WINDOW}, batches of {args.bptt} with a full cache; median of {args.rounds} rounds "
         f"after 1, each round every row once (per-token loops on {r} and {d} tokens).",
         f"Command: `python {' '.join(sys.argv)}`",
-        f"Agreement on {r} tokens: toolkit float64 {check:.6f} vs reference {ref:.6f} nats.",
+        f"Agreement: on {r} tokens toolkit float64 {check:.6f} vs reference {ref:.6f} nats; "
+        f"on {d}, pointer.py's step {dense:.4f} vs reference float32 {ref32:.4f}.",
         "",
-        "| impl | tokens/s | ms/token | speedup vs float64 reference | speedup vs fastest per-token loop |",
+        "| impl | tokens/s | ms/token | speedup vs float64 reference "
+        "| speedup vs fastest per-token loop |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, t in per_token.items():
-        lines.append(f"| {name} | {1 / t:,.4g} | {t * 1e3:.3g} | {ref64 / t:.3g} | "
+        rate = f"{1 / t:,.0f}" if t < 0.01 else f"{1 / t:.3g}"
+        lines.append(f"| {name} | {rate} | {t * 1e3:.3g} | {ref64 / t:.3g} | "
                      f"{best_loop / t:.3g} |")
     text = "\n".join(lines) + "\n"
     print(text)

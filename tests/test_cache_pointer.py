@@ -118,7 +118,8 @@ def test_window_longer_than_stream_is_whole_past():
 @pytest.mark.parametrize("form", ["callable", "targets only"])
 def test_log_prob_forms(form):
     log_probs, hidden, targets = stream()
-    head = torch.randn(hidden.shape[1], 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    head = torch.randn(hidden.shape[1], 40, dtype=torch.float64, generator=g)
     full = torch.log_softmax(hidden @ head, dim=1)
     given = {"callable": lambda rows: torch.log_softmax(rows @ head, dim=1),
              "targets only": full.gather(1, targets[:, None]).squeeze(1)}[form]

@@ -1,6 +1,8 @@
 """``toolkit`` console entry point, and the wrapper that turns errors into one line.
 
     toolkit plot RUN_DIR        loss, lr and beta1 curves from RUN_DIR/metrics.jsonl
+    toolkit memory --params N   bytes of params, grads and optimizer states per device and
+                                per process (offload) for each strategy; --help for options
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def run(main: Callable[[], object]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"plot": _plot}
+    commands = {"plot": _plot, "memory": _memory}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip())
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
@@ -42,6 +44,34 @@ def _plot(args: list[str]) -> None:
     parser.add_argument("--out", help="image path (default RUN_DIR/metrics.png)")
     ns = parser.parse_args(args)
     print(plot_run(ns.run_dir, ns.out))
+
+
+def _memory(args: list[str]) -> None:
+    import argparse
+
+    from toolkit import memory
+
+    parser = argparse.ArgumentParser(
+        prog="toolkit memory",
+        description="Memory of parameters, gradients and optimizer states per process, for "
+                    "each strategy (activations not counted).")
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--params", help="parameter count, e.g. 1.01e9")
+    size.add_argument("--model", help=f"count a toolkit model's parameters: {', '.join(memory.MODELS)}")
+    parser.add_argument("--vocab", type=int, default=33278,
+                        help="vocabulary of --model (default 33278, WikiText-2)")
+    parser.add_argument("--world", type=int, default=1, help="processes (devices)")
+    # Choices are checked by the estimator, so a bad value is one `error:` line.
+    parser.add_argument("--precision", default="fp32", help=", ".join(memory.PRECISIONS))
+    parser.add_argument("--optimizer", default="adamw", help=", ".join(memory.OPTIMIZERS))
+    parser.add_argument("--amsgrad", action="store_true")
+    parser.add_argument("--strategy", action="append",
+                        help=f"only this strategy (repeatable): {', '.join(memory.STRATEGIES)}")
+    ns = parser.parse_args(args)
+    n = memory.parse_count(ns.params) if ns.params is not None else memory.model_params(
+        ns.model, ns.vocab)
+    print(memory.table(n, ns.world, ns.precision, ns.optimizer, ns.amsgrad,
+                       tuple(ns.strategy or memory.STRATEGIES)))
 
 
 if __name__ == "__main__":  # python -m toolkit.cli plot RUN_DIR

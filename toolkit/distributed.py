@@ -36,7 +36,9 @@ def check_world_size(accelerator: Accelerator) -> None:
     expected = launcher_world_size()
     got = accelerator.num_processes
     real = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if got != expected or real != expected:
+    # A gloo process group alone leaves DistributedType.NO: no DDP wrapping, no gradient sync.
+    alone = expected > 1 and accelerator.distributed_type.value == "NO"
+    if got != expected or real != expected or alone:
         raise UserError(f"launcher started WORLD_SIZE={expected} processes but this one trains "
                         f"in a world of {got} (process group: {real}, "
                         f"{accelerator.distributed_type}); each rank would train alone. "

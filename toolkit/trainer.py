@@ -78,7 +78,7 @@ class Trainer:
             zero3_init_flag=False)
         # DeepSpeed on CPU needs gloo named explicitly, or Accelerate reports one process.
         handlers = [InitProcessGroupKwargs(backend="gloo")] \
-            if world > 1 and not torch.cuda.is_available() else []
+            if stage and world > 1 and not torch.cuda.is_available() else []
         self.accelerator = acc = Accelerator(
             mixed_precision="no" if train.precision == "fp32" else train.precision,
             log_with="tensorboard", project_dir=str(self.out), deepspeed_plugin=plugin,
@@ -90,16 +90,19 @@ class Trainer:
             raise UserError("precision=fp16 needs a GPU (on CPU Accelerate ignores it and trains "
                             "in fp32); use --precision bf16 or fp32 on CPU")
         world, rank = acc.num_processes, acc.process_index
-        self.sampler = GlobalBatchSampler(len(train_data), train.batch_size, world=world,
-                                          rank=rank, accum=train.grad_accum, seed=train.seed)
+        self.micro_batch = train.batch_size // (world * train.grad_accum)
         self.train_data, self.eval_data = train_data, eval_data
-        if eval_data is not None and len(eval_data) < world:
-            raise UserError(f"the evaluation set has {len(eval_data)} examples for {world} "
-                            "processes; it needs at least one per process")
-        self.eval_sampler = None if eval_data is None else ShardSampler(
-            len(eval_data), self.sampler.micro * train.grad_accum, world=world, rank=rank)
-        self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.total_steps = train.epochs * self.steps_per_epoch
+        self.sampler = self.eval_sampler = None
+        if isinstance(train_data, Dataset):  # map-style: the toolkit's global-batch order
+            self.sampler = GlobalBatchSampler(len(train_data), train.batch_size, world=world,
+                                              rank=rank, accum=train.grad_accum, seed=train.seed)
+        if isinstance(eval_data, Dataset):
+            if len(eval_data) < world:
+                raise UserError(f"the evaluation set has {len(eval_data)} examples for {world} "
+                                "processes; it needs at least one per process")
+            self.eval_sampler = ShardSampler(len(eval_data), self.micro_batch * train.grad_accum,
+                                             world=world, rank=rank)
+        self.total_steps = self.count_steps()
         if train.max_steps is not None:
             self.total_steps = min(self.total_steps, train.max_steps)
         optimizer = optim.build(model, layer_groups)
@@ -127,6 +130,31 @@ class Trainer:
         return {"loss": F.cross_entropy(logits.float(), targets, reduction="sum"),
                 "accuracy": (logits.argmax(-1) == targets).sum(),
                 "count": torch.tensor(len(targets))}
+
+    # ---- data position: override all three for data that is not a map-style dataset ----
+    def count_steps(self) -> int:
+        """Optimizer steps in ``epochs`` epochs (before ``max_steps``)."""
+        return self.cfg.epochs * self.sampler.steps_per_epoch
+
+    def epoch_at(self, step: int) -> float:
+        """Epochs done after ``step`` optimizer steps (whole at epoch ends)."""
+        return step / self.sampler.steps_per_epoch
+
+    def train_batches(self):
+        """This rank's micro-batches from the current step on, across epochs, forever."""
+        epoch, k = divmod(self.step, self.sampler.steps_per_epoch)
+        while True:
+            self.sampler.set_position(epoch, k)
+            yield from batches(self.train_data, self.sampler)
+            epoch, k = epoch + 1, 0
+
+    # ---- per-rank state a subclass carries across steps (an RNN's hidden state) --------
+    def extra_state(self) -> dict:
+        """Saved in this rank's checkpoint file."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`extra_state` returned."""
 
     # ---- the loop ---------------------------------------------------------------------
     @property
@@ -165,14 +193,6 @@ class Trainer:
         if step_schedule:
             self.scheduler.step()
         return total / accum
-
-    def train_batches(self):
-        """This rank's micro-batches from the current step on, across epochs, forever."""
-        epoch, k = divmod(self.step, self.steps_per_epoch)
-        while True:
-            self.sampler.set_position(epoch, k)
-            yield from batches(self.train_data, self.sampler)
-            epoch, k = epoch + 1, 0
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -222,6 +242,7 @@ class Trainer:
         if resume is not None:
             state = checkpoint.load(self.accelerator, resume)
             self.step = state["step"]
+            self.load_extra_state(state.get("extra", {}))
             if state["total_steps"] != self.total_steps:
                 raise UserError(f"checkpoint {resume} belongs to a run of "
                                 f"{state['total_steps']} steps, this one has {self.total_steps}: "
@@ -229,18 +250,22 @@ class Trainer:
             self.print(f"resumed from {resume} at step {self.step}/{self.total_steps}")
         self.accelerator.init_trackers("tensorboard")
         acc, opt = self.accelerator, self.scheduler.optimizer
-        self.print(f"training {self.total_steps} steps ({self.steps_per_epoch} per epoch) on "
+        self.print(f"training {self.total_steps} steps ({self.epochs_str()}) on "
                    f"{acc.num_processes} process(es), {acc.distributed_type.value} "
                    f"({self.strategy}), "
                    f"{acc.device}, {self.cfg.precision}; global batch {self.cfg.batch_size} = "
-                   f"{acc.num_processes} x {self.cfg.grad_accum} x {self.sampler.micro}; "
+                   f"{acc.num_processes} x {self.cfg.grad_accum} x {self.micro_batch}; "
                    f"optimizer {type(opt).__name__} ({getattr(opt, 'impl', '?')}"
                    f"{', amsgrad' if opt.defaults.get('amsgrad') else ''})")
 
     def save(self) -> Path:
         return checkpoint.save(self.accelerator, self.out / "checkpoints", self.step,
-                               {"step": self.step, "total_steps": self.total_steps},
+                               {"step": self.step, "total_steps": self.total_steps,
+                                "extra": self.extra_state()},
                                self.cfg.keep_checkpoints)
+
+    def epochs_str(self) -> str:
+        return f"{self.epoch_at(self.total_steps):.3g} epochs"
 
     def fit(self) -> dict:
         """Train to the end (or to a stop signal); return the final metrics."""
@@ -272,17 +297,18 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     train_loss = metrics["train_loss"] = (logged[0] / logged[1]).item()
-                    self.log({"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+                    self.log({"step": self.step, "epoch": round(self.epoch_at(self.step), 4),
                               **schedule, "train_loss": train_loss})
                     bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{schedule['lr']:.3g}")
                     logged.zero_()
-                every = cfg.eval_every or self.steps_per_epoch
-                if self.step % every == 0 or self.step == self.total_steps:
+                due = (self.step % cfg.eval_every == 0 if cfg.eval_every
+                       else self.epoch_at(self.step).is_integer())
+                if due or self.step == self.total_steps:
                     evaluated = self.evaluate()
                     metrics.update(evaluated)
                     if evaluated:
                         self.log({"step": self.step,
-                                  "epoch": round(self.step / self.steps_per_epoch, 4), **evaluated})
+                                  "epoch": round(self.epoch_at(self.step), 4), **evaluated})
                         if self.is_main:
                             bar.write(f"step {self.step}: " + " ".join(
                                 f"{k} {v:.4f}" for k, v in evaluated.items()))
@@ -301,7 +327,7 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
         path = self.save()
-        results = {"step": self.step, "epochs": round(self.step / self.steps_per_epoch, 4),
+        results = {"step": self.step, "epochs": round(self.epoch_at(self.step), 4),
                    "wall_time_s": round(time.time() - started, 2), "checkpoint": str(path),
                    **metrics}
         if self.is_main:

@@ -4,7 +4,8 @@ points back at the words that followed similar hidden states in the recent past.
 
 For position t with last-layer hidden state h_t and target y_t (the next word),
 
-    p_cache(w) = sum_{i in W(t), y_i = w} exp(theta * h_t . h_i) / sum_{i in W(t)} exp(theta * h_t . h_i)
+    a_i(t)     = exp(theta * h_t . h_i) / sum_{k in W(t)} exp(theta * h_t . h_k),  i in W(t)
+    p_cache(w) = sum_{i in W(t), y_i = w} a_i(t)
     p(w)       = (1 - lambda) * p_vocab(w) + lambda * p_cache(w)
 
 where W(t) is the last ``window`` positions before t, across batch boundaries, and y_i,

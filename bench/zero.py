@@ -1,0 +1,258 @@
+"""ZeRO on 2 CPU processes: step time and what each rank holds, for every strategy vs DDP.
+
+For each strategy (ddp, zero1, zero2, zero3, zero2-offload, zero3-offload) and each
+optimizer (AdamW, AMSGrad) this script launches itself under ``torchrun --nproc_per_node 2``
+as a worker. The worker trains an 8.5M-parameter residual MLP stack (4 pre-LayerNorm blocks
+of width 512, hidden 2048: large enough that the all-reduce and the optimizer step matter
+next to forward and backward) through :class:`toolkit.trainer.Trainer`, times
+``trainer.optimizer_step`` (forward, backward, gradient reduction, step, 1cycle) after a
+warm-up, and reports per rank: the median step time, the bytes of each optimizer state
+(:func:`toolkit.strategy.optimizer_state_bytes`), the model parameters it holds, the fp32
+master copy DeepSpeed keeps beside them, and its peak RSS. The parent prints one table with
+ratios to DDP from the same run and checks that ZeRO halves the optimizer states: each
+rank's bytes of each state within 5% of the unsharded size / 2.
+
+    python bench/zero.py                          # ~4-5 min on 2 cores (12 launches)
+    python bench/zero.py --steps 30 --out docs/benchmarks.md   # also append the output there
+
+DeepSpeed's first CPU launch JIT-builds its shm comm op (~40 s, cached afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload")
+D_IN, WIDTH, HIDDEN, BLOCKS, CLASSES = 512, 512, 2048, 4, 10
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual MLP: the feed-forward half of a transformer block."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up, self.down = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+
+def build_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(D_IN, WIDTH), *(Block(WIDTH, HIDDEN) for _ in range(BLOCKS)),
+                         nn.LayerNorm(WIDTH), nn.Linear(WIDTH, CLASSES))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ---- worker: one (strategy, optimizer) on this rank -----------------------------------------
+def worker(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+    from torch.utils.data import TensorDataset
+
+    from toolkit import strategy
+    from toolkit.config import OptimConfig, ScheduleConfig, TrainConfig
+    from toolkit.trainer import Trainer
+
+    rss_before = rss_bytes()
+    torch.manual_seed(0)  # the same weights on every rank
+    model = build_model()
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(1)
+    n = args.batch * (args.warmup + args.steps)
+    data = TensorDataset(torch.randn(n, D_IN, generator=g), torch.randint(0, CLASSES, (n,), generator=g))
+    train = TrainConfig(output_dir=args.output_dir, max_steps=args.warmup + args.steps,
+                        batch_size=args.batch, strategy=args.strategy, progress=False)
+    trainer = Trainer(model, data, None, train=train,
+                      optim=OptimConfig(lr=1e-3, amsgrad=args.amsgrad), schedule=ScheduleConfig())
+    trainer.model.train()
+    it = trainer.train_batches()
+    for _ in range(args.warmup):
+        trainer.optimizer_step(it)
+    times = []
+    for _ in range(args.steps):
+        dist.barrier()  # start every step together: the time is the step's, not a straggler's
+        start = time.perf_counter()
+        loss = trainer.optimizer_step(it).item()
+        times.append(time.perf_counter() - start)
+
+    # What this rank holds. Under ZeRO-3 a parameter's data is empty between uses and its
+    # shard is `ds_tensor`; DeepSpeed's torch optimizer steps fp32 partitions that are
+    # copies (not views) of the model's parameters, even when training in fp32.
+    module = getattr(trainer.model, "module", trainer.model)
+    params = list(module.parameters())
+    held = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size()
+               for p in params)
+    model_storages = {p.untyped_storage().data_ptr() for p in params if p.numel()}
+    inner = strategy.torch_optimizer(trainer.optimizer)
+    master = sum(q.numel() * q.element_size() for group in inner.param_groups
+                 for q in group["params"] if q.untyped_storage().data_ptr() not in model_storages)
+    acc = trainer.accelerator
+    result = {"rank": acc.process_index, "world": acc.num_processes,
+              "distributed_type": acc.distributed_type.value, "optimizer": type(inner).__name__,
+              "amsgrad": bool(inner.defaults.get("amsgrad")), "n_params": n_params,
+              "median_s": statistics.median(times),
+              "q25_s": statistics.quantiles(times, n=4)[0],
+              "q75_s": statistics.quantiles(times, n=4)[2], "last_loss": loss,
+              "state_bytes": strategy.optimizer_state_bytes(trainer.optimizer),
+              "param_bytes": held, "master_bytes": master,
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "rss_before_bytes": rss_before}
+    trainer.close()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---- parent: launch every case, print the table --------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(name: str, amsgrad: bool, args: argparse.Namespace, tmp: Path) -> list[dict] | str:
+    """Both ranks' results, or the error that stopped the launch."""
+    out = tmp / f"{name}-{'amsgrad' if amsgrad else 'adamw'}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, "--worker",
+           "--strategy", name, "--output-dir", str(out), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--batch", str(args.batch)]
+    cmd += ["--amsgrad"] if amsgrad else []
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)  # the trainer sets what each strategy needs
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {args.timeout} s"
+    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
+               if line.startswith("RESULT ")]
+    if proc.returncode != 0 or len(results) != 2:
+        errors = [l for l in (proc.stderr + proc.stdout).splitlines()
+                  if "Error" in l or "error:" in l]
+        return f"exit {proc.returncode}: " + (errors[-1].strip()[:200] if errors else
+                                               proc.stderr.strip()[-200:])
+    return sorted(results, key=lambda r: r["rank"])
+
+
+def device_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(l.split(":", 1)[1].strip() for l in out.splitlines()
+                     if l.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def mb(b: float) -> str:
+    return f"{b / 2**20:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per case (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--batch", type=int, default=64, help="global batch (2 x micro-batch)")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds per launch")
+    parser.add_argument("--out", help="also append the output to this file")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
+    parser.add_argument("--amsgrad", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--output-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import accelerate
+    import deepspeed
+
+    started = time.time()
+    runs: dict[tuple[str, bool], list[dict] | str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for amsgrad in (False, True):
+            for name in STRATEGIES:
+                t = time.time()
+                runs[name, amsgrad] = launch(name, amsgrad, args, Path(tmp))
+                print(f"# {name} {'AMSGrad' if amsgrad else 'AdamW'}: {time.time() - t:.0f} s",
+                      file=sys.stderr, flush=True)
+    n_params = next(r[0]["n_params"] for r in runs.values() if not isinstance(r, str))
+
+    lines = [
+        f"{datetime.date.today()}, {device_name()}, torch {torch.__version__}, DeepSpeed "
+        f"{deepspeed.__version__}, accelerate {accelerate.__version__}; 2 processes x 1 "
+        f"thread, gloo; {n_params / 1e6:.2f}M fp32 params ({BLOCKS} residual MLP blocks "
+        f"{WIDTH}-{HIDDEN}-{WIDTH}), global batch {args.batch}; median (p25-p75) of "
+        f"{args.steps} steps after {args.warmup}, rank 0; {time.time() - started:.0f} s in all.",
+        f"Command: `python {' '.join(sys.argv)}`",
+        "",
+        "A step is `trainer.optimizer_step`: forward, backward, gradient reduction, optimizer "
+        "step, 1cycle. Bytes are per rank (rank 0; rank 1 in the check below). \"fraction\" is "
+        "this rank's optimizer-state bytes over the unsharded size, 4 bytes x params x states.",
+        "",
+        "| strategy | optimizer | ms/step (p25-p75) | ratio to DDP | optimizer state MB/rank "
+        "| fraction of unsharded | params MB/rank | fp32 master copy MB/rank | peak RSS MB/rank "
+        "| loss at last step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    checks = []
+    for amsgrad in (False, True):
+        label = "AMSGrad" if amsgrad else "AdamW"
+        keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+        full = 4 * n_params  # one fp32 state, unsharded
+        base = runs["ddp", amsgrad]
+        for name in STRATEGIES:
+            r = runs[name, amsgrad]
+            if isinstance(r, str):
+                lines.append(f"| {name} | {label} | failed: {r} | | | | | | | |")
+                checks.append(f"{name} {label}: FAILED to run ({r})")
+                continue
+            r0 = r[0]
+            ratio = "" if isinstance(base, str) else f"{r0['median_s'] / base[0]['median_s']:.2f}"
+            state = sum(r0["state_bytes"].values())
+            lines.append(
+                f"| {name} | {label} | {r0['median_s'] * 1e3:.0f} ({r0['q25_s'] * 1e3:.0f}-"
+                f"{r0['q75_s'] * 1e3:.0f}) | {ratio} | {mb(state)} | "
+                f"{state / (full * len(keys)):.3f} | {mb(r0['param_bytes'])} | "
+                f"{mb(r0['master_bytes'])} | {mb(max(x['peak_rss_bytes'] for x in r))} | "
+                f"{r0['last_loss']:.5f} |")
+            # The check: ZeRO halves every state on every rank; DDP holds all of each.
+            target = full / 2 if name.startswith("zero") else full
+            worst = max(abs(x["state_bytes"].get(k, 0) - target) / target for x in r for k in keys)
+            ok = worst <= 0.05 and all(set(x["state_bytes"]) == set(keys) for x in r)
+            per_rank = "; ".join(f"rank {x['rank']} " + ", ".join(
+                f"{k} {x['state_bytes'].get(k, 0):,}" for k in keys) for x in r)
+            checks.append(f"{name} {label}: {'PASS' if ok else 'FAIL'}, worst deviation "
+                          f"{worst:.2%} from {'total/2' if target < full else 'total'} = "
+                          f"{int(target):,} B per state ({per_rank})")
+    lines += ["", "Check: each rank's bytes of each optimizer state within 5% of the "
+                  "unsharded size / 2 for ZeRO (equal to it for DDP):", ""]
+    lines += [f"- {c}" for c in checks]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

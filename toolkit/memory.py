@@ -1,0 +1,169 @@
+"""Memory of the model states (parameters, gradients, optimizer states) per process, for
+each strategy: what the device holds and, with offload, what the process's CPU RAM holds.
+
+The arithmetic is the ZeRO paper's (Rajbhandari et al. 2020, sec. 3, Figure 1: Ψ = 7.5B,
+N = 64, mixed-precision Adam gives 120 / 31.4 / 16.6 / 1.9 GB for DDP / stages 1, 2, 3),
+with the choices DeepSpeed 0.19.8 makes (``runtime/zero/stage_1_and_2.py``, ``stage3.py``):
+
+- one process / DDP: Accelerate's mixed precision is autocast, so weights, gradients and
+  optimizer states stay fp32 whatever ``precision`` says.
+- ZeRO casts the model to 16 bits under bf16/fp16 and steps an fp32 *master* partition.
+  Stages 1-2 clone that partition even in fp32, and so does offload; only stage 3 in fp32
+  on the device steps the parameters' own partition.
+- Stage 1 shards the optimizer states and master, stage 2 the gradients too, stage 3 the
+  parameters too. Offload moves master, states and an fp32 gradient partition (the one the
+  CPU optimizer reads) to CPU RAM; zero3-offload moves the parameter partitions there too.
+
+Activations, the CUDA context and temporary buffers are not counted (see :data:`NOTES`).
+
+    toolkit memory --params 1.01e9 --world 8 --precision bf16 --optimizer adamw --amsgrad
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+from toolkit.errors import UserError
+
+STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload")
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+# The names torch gives each state, so estimates compare key by key with
+# ``toolkit.strategy.optimizer_state_bytes``.
+STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+CATEGORIES = ("params", "grads", "master_params", *STATES)
+PLACES = ("device", "cpu")
+MODELS = ("awd-lstm", "awd-qrnn")
+
+NOTES = (
+    "single/ddp: bf16/fp16 is autocast, weights, gradients and states stay fp32; ZeRO holds "
+    "16-bit weights and gradients and an fp32 master copy.",
+    "Not counted: activations, the CUDA context, temporary buffers (DDP's gradient buckets, "
+    "DeepSpeed's reduce/gather buckets and prefetched ZeRO-3 layers, the fp32 gradient "
+    "partition built during a ZeRO step without offload).",
+    "Partitions are ceil(params / world); DeepSpeed pads each flat group (stages 1-2) or each "
+    "parameter (stage 3) to a multiple of the world size: real counts may be a few elements "
+    "higher.",
+)
+
+
+def state_names(optimizer: str, amsgrad: bool) -> tuple[str, ...]:
+    """The per-parameter fp32 states ``optimizer`` keeps (SGD: with momentum, as the toolkit's)."""
+    if optimizer == "sgd":
+        return ("momentum_buffer",)
+    return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+
+
+def check(n_params: int, strategy: str, world: int, precision: str, optimizer: str,
+          amsgrad: bool) -> None:
+    if isinstance(n_params, bool) or not isinstance(n_params, int) or n_params < 1:
+        raise UserError(f"params={n_params!r} must be a whole number >= 1")
+    if strategy not in STRATEGIES:
+        raise UserError(f"strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise UserError(f"world={world!r} must be a whole number >= 1 (processes)")
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"optimizer {optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    if amsgrad and optimizer == "sgd":
+        raise UserError("amsgrad is an Adam/AdamW option; drop it with optimizer sgd")
+
+
+def estimate(n_params: int, strategy: str, world: int = 1, precision: str = "fp32",
+             optimizer: str = "adamw", amsgrad: bool = False) -> dict[str, int]:
+    """Bytes each process holds, keyed ``"device.<category>"`` and ``"cpu.<category>"`` for
+    every category in :data:`CATEGORIES`, plus ``"device.total"`` and ``"cpu.total"``.
+
+    ``single`` is one process whatever ``world`` says. Defaults: fp32 AdamW without AMSGrad.
+    """
+    check(n_params, strategy, world, precision, optimizer, amsgrad)
+    out = {f"{place}.{c}": 0 for place in PLACES for c in CATEGORIES}
+    if strategy in ("single", "ddp"):
+        # Every process holds everything, in fp32 (autocast only touches activations).
+        out["device.params"] = out["device.grads"] = 4 * n_params
+        for s in state_names(optimizer, amsgrad):
+            out[f"device.{s}"] = 4 * n_params
+    else:
+        stage, offload = int(strategy[4]), strategy.endswith("-offload")
+        part = -(-n_params // world)  # ceil: the last rank's partition is padded
+        model_bytes = 4 if precision == "fp32" else 2
+        optim_place = "cpu" if offload else "device"
+        if stage < 3:
+            out["device.params"] = model_bytes * n_params
+        else:
+            out[f"{optim_place}.params"] = model_bytes * part
+        if offload:
+            # The reduced partition goes straight into the CPU optimizer's fp32 buffer.
+            out["cpu.grads"] = 4 * part
+        else:
+            out["device.grads"] = model_bytes * (n_params if stage == 1 else part)
+        if stage < 3 or offload or precision != "fp32":
+            out[f"{optim_place}.master_params"] = 4 * part
+        for s in state_names(optimizer, amsgrad):
+            out[f"{optim_place}.{s}"] = 4 * part
+    for place in PLACES:
+        out[f"{place}.total"] = sum(out[f"{place}.{c}"] for c in CATEGORIES)
+    return out
+
+
+def parse_count(text: str) -> int:
+    """``"1.01e9"`` -> 1010000000, exactly (no float rounding); whole numbers only."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise UserError(f"--params {text!r} is not a number (e.g. 1.01e9)") from None
+    if not value.is_finite() or value != value.to_integral_value() or value < 1:
+        raise UserError(f"--params {text} must be a whole number >= 1")
+    return int(value)
+
+
+def model_params(name: str, vocab: int) -> int:
+    """Parameters of a ``toolkit.models`` language model, built on the meta device (no memory);
+    tied weights count once, as the optimizer sees them."""
+    import torch
+
+    from toolkit.models import AWDLSTM, AWDQRNN
+
+    classes = {"awd-lstm": AWDLSTM, "awd-qrnn": AWDQRNN}
+    if name not in classes:
+        raise UserError(f"--model {name!r} is unknown; choose one of {', '.join(MODELS)}")
+    if vocab < 1:
+        raise UserError(f"--vocab {vocab} must be >= 1")
+    with torch.device("meta"):
+        model = classes[name](vocab)
+    return sum(p.numel() for p in model.parameters())
+
+
+def human(n: int) -> str:
+    """Binary units: 2,525,000,000 -> ``2.35 GiB``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def table(n_params: int, world: int = 1, precision: str = "fp32", optimizer: str = "adamw",
+          amsgrad: bool = False, strategies: tuple[str, ...] = STRATEGIES) -> str:
+    """The report ``toolkit memory`` prints: one table per place, a row per strategy."""
+    rows = {s: estimate(n_params, s, world, precision, optimizer, amsgrad) for s in strategies}
+    label = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD with momentum"}[optimizer]
+    lines = [f"Model states of {n_params:,} parameters, world {world}, {precision}, {label}"
+             f"{' + AMSGrad' if amsgrad else ''}: bytes per process (single: one process)"]
+    titles = {"device": "Per device (GPU/accelerator memory)",
+              "cpu": "Per process, CPU memory (offload)"}
+    for place in PLACES:
+        # Every strategy on the device (zero3-offload's 0 is the point); CPU rows if any.
+        shown = [s for s in strategies if place == "device" or rows[s][f"{place}.total"] > 0]
+        if not shown:
+            continue
+        # Only the columns some row fills: no max_exp_avg_sq column without AMSGrad.
+        cols = [c for c in CATEGORIES if any(rows[s][f"{place}.{c}"] for s in shown)] + ["total"]
+        cells = [[s] + [human(rows[s][f"{place}.{c}"]) if rows[s][f"{place}.{c}"] else "0"
+                        for c in cols] for s in shown]
+        header = ["strategy", *cols]
+        widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
+        fmt = lambda r: "  ".join(v.ljust(widths[i]) if i == 0 else v.rjust(widths[i])
+                                  for i, v in enumerate(r))
+        lines += ["", titles[place], fmt(header), *map(fmt, cells)]
+    return "\n".join([*lines, "", *NOTES])
