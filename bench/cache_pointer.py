@@ -14,7 +14,7 @@ The per-token loops are timed on fewer tokens (``--ref-tokens``, ``--dense-token
 reported per token. Each round runs every row once in a rotating order, so a neighbour on a
 shared machine slows them all alike; the table holds medians over the rounds.
 
-    python bench/cache_pointer.py                           # CPU, ~1-2 min on 2 cores
+    python bench/cache_pointer.py                           # CPU, 20-60 s on 2 cores
     python bench/cache_pointer.py --out docs/benchmarks.md  # also append the table there
     python bench/cache_pointer.py --device cuda
 """

@@ -17,14 +17,15 @@ STEPS_PER_EPOCH = 10  # tiny: 320 examples, global batch 32
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     d = tmp_path_factory.mktemp("single")
-    launch(TINY, ["--output-dir", str(d / "run"), "--dump", str(d / "dump")])
-    return dumps(d / "dump", 1)[0]
+    launch(TINY, ["--output-dir", str(d / "run"), "--dump", str(d / "dump"),
+                  "--checkpoint-every", "7", "--keep-checkpoints", "5"])
+    return {**dumps(d / "dump", 1)[0], "run": d / "run"}
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_processes_shard_data_and_match_one_process(launcher, single, tmp_path):
-    launch(TINY, ["--output-dir", str(tmp_path / "run"), "--dump", str(tmp_path / "dump")],
-           launcher=launcher)
+    launch(TINY, ["--output-dir", str(tmp_path / "run"), "--dump", str(tmp_path / "dump"),
+                  "--checkpoint-every", "7", "--keep-checkpoints", "5"], launcher=launcher)
     ranks = dumps(tmp_path / "dump", 2)
     for r, d in enumerate(ranks):
         assert (d["world"], d["rank"]) == (2, r)
@@ -79,3 +80,21 @@ def test_ranks_training_alone_is_an_error(tmp_path):
     assert proc.returncode != 0
     lines = [l for l in proc.stderr.splitlines() if "each rank would train alone" in l]
     assert lines and all(l.startswith("error") and "WORLD_SIZE=2" in l for l in lines)
+
+
+def test_resume_on_another_world_size(single, tmp_path):
+    """Saved by 1 process, resumed by 2 (and the reverse): the same run, optimizer state
+    included (data order depends on the global batch only; dropout is off here)."""
+    launch(TINY, ["--output-dir", str(tmp_path / "two"), "--resume",
+                  str(single["run"] / "checkpoints" / "step_7"), "--dump", str(tmp_path / "d2"),
+                  "--checkpoint-every", "7"], launcher="torchrun")
+    two = dumps(tmp_path / "d2", 2)
+    for k, v in single["params"].items():
+        torch.testing.assert_close(two[0]["params"][k], v, rtol=1e-5, atol=1e-6)
+    proc = launch(TINY, ["--output-dir", str(tmp_path / "one"), "--resume",
+                         str(tmp_path / "two" / "checkpoints" / "step_14"),
+                         "--dump", str(tmp_path / "d1")])
+    assert "saved with 2 processes, resumed with 1" in proc.stdout
+    one = dumps(tmp_path / "d1", 1)[0]
+    for k, v in single["params"].items():
+        torch.testing.assert_close(one["params"][k], v, rtol=1e-5, atol=1e-6)

@@ -71,6 +71,11 @@ def test_zero_matches_one_process_and_shards_states(name, amsgrad, single, tmp_p
     for a, b in zip(dumps(tmp_path / "dump_r", 2), ranks):
         for k, v in b["params"].items():
             assert torch.equal(a["params"][k], v), k
+    # Another world size: refused in one line (DeepSpeed will not re-cut ZeRO shards).
+    other = launch(TINY, ["--output-dir", str(tmp_path / "other"), "--strategy", name,
+                          "--resume", str(run / "checkpoints" / "step_7"), *flag], check=False)
+    assert other.returncode == 2
+    assert "ZeRO checkpoints resume only on the same number of processes" in other.stderr
 
 
 @pytest.mark.parametrize("name", ["zero2", pytest.param("zero3", marks=pytest.mark.slow)])

@@ -77,6 +77,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def zero_stage(accelerator) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -100,7 +105,8 @@ def save(accelerator, ckpt_dir: Path, step: int, trainer_state: dict, keep: int)
     torch.save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_{rank}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        marker = {"step": step, "world_size": accelerator.num_processes}
+        marker = {"step": step, "world_size": accelerator.num_processes,
+                  "zero_stage": zero_stage(accelerator)}
         with open(tmp / MARKER, "w") as f:
             json.dump(marker, f)
             f.flush()
@@ -119,6 +125,11 @@ def load(accelerator, path: Path) -> dict:
     marker = json.loads((path / MARKER).read_text())
     rank, world = accelerator.process_index, accelerator.num_processes
     own = path / f"trainer_{rank}.pt"
+    if marker["world_size"] != world and (marker.get("zero_stage", 0) or zero_stage(accelerator)):
+        # DeepSpeed 0.19.8's engine refuses to re-cut ZeRO optimizer shards for a new world.
+        raise UserError(f"checkpoint {path} was saved by {marker['world_size']} processes and "
+                        f"this run has {world}: ZeRO checkpoints resume only on the same number "
+                        "of processes (DDP and single-process checkpoints resume on any)")
     try:
         accelerator.load_state(str(path))
         state = torch.load(own if own.exists() else path / "trainer_0.pt", weights_only=False)

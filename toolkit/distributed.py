@@ -10,6 +10,7 @@ really train with against the launcher's ``WORLD_SIZE``.
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,15 @@ def launcher_world_size() -> int:
 def prepare_env(deepspeed: bool = False) -> None:
     """Call before ``Accelerator()``: multi-process CPU runs need ``ACCELERATE_USE_CPU``
     (without DeepSpeed: with it, that flag turns the run into plain MULTI_CPU)."""
+    if deepspeed and "WORLD_SIZE" not in os.environ:
+        # A plain `python recipe.py --strategy zero2`: without a launcher's variables
+        # DeepSpeed goes looking for MPI. One process is a world of one on this host.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+            os.environ.setdefault(key, value)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's ops and comm on CPU
         if launcher_world_size() > 1 and not deepspeed:

@@ -36,8 +36,9 @@ PLACES = ("device", "cpu")
 MODELS = ("awd-lstm", "awd-qrnn")
 
 NOTES = (
-    "single/ddp: bf16/fp16 is autocast, weights, gradients and states stay fp32; ZeRO holds "
-    "16-bit weights and gradients and an fp32 master copy.",
+    "single/ddp: bf16/fp16 is autocast, so weights, gradients and states stay fp32. ZeRO keeps "
+    "bf16/fp16 weights and gradients and steps an fp32 master copy (stages 1-2 and offload "
+    "clone it in fp32 too).",
     "Not counted: activations, the CUDA context, temporary buffers (DDP's gradient buckets, "
     "DeepSpeed's reduce/gather buckets and prefetched ZeRO-3 layers, the fp32 gradient "
     "partition built during a ZeRO step without offload).",
