@@ -83,6 +83,13 @@ def optimizers(device: str, amsgrad: bool) -> dict[str, Callable[[list], object]
     if device == "cuda":
         makers["toolkit compiled"] = lambda ps: build_optimizer(ps, "adamw", impl="compiled",
                                                                 **kw)
+        if not amsgrad:  # DeepSpeed's FusedAdam has no AMSGrad
+            def deepspeed_fused_adam(ps):
+                from deepspeed.ops.adam import FusedAdam
+
+                return FusedAdam(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
+                                 adam_w_mode=True)
+            makers["DeepSpeed FusedAdam"] = deepspeed_fused_adam
     elif not amsgrad:
         def deepspeed_cpu_adam(ps):
             from deepspeed.ops.adam import DeepSpeedCPUAdam

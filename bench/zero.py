@@ -12,7 +12,7 @@ master copy DeepSpeed keeps beside them, and its peak RSS. The parent prints one
 ratios to DDP from the same run and checks that ZeRO halves the optimizer states: each
 rank's bytes of each state within 5% of the unsharded size / 2.
 
-    python bench/zero.py                          # ~4-5 min on 2 cores (12 launches)
+    python bench/zero.py                          # ~4-6 min on 2 shared cores (12 launches)
     python bench/zero.py --steps 30 --out docs/benchmarks.md   # also append the output there
 
 DeepSpeed's first CPU launch JIT-builds its shm comm op (~40 s, cached afterwards).
@@ -121,7 +121,9 @@ def worker(args: argparse.Namespace) -> None:
               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "rss_before_bytes": rss_before}
     trainer.close()
-    print("RESULT " + json.dumps(result), flush=True)
+    # A file per rank: the two ranks' stdout interleave mid-line under torchrun.
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    Path(args.output_dir, f"result.rank{result['rank']}.json").write_text(json.dumps(result))
 
 
 # ---- parent: launch every case, print the table --------------------------------------------
@@ -147,14 +149,13 @@ def launch(name: str, amsgrad: bool, args: argparse.Namespace, tmp: Path) -> lis
                               timeout=args.timeout)
     except subprocess.TimeoutExpired:
         return f"timed out after {args.timeout} s"
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
-               if line.startswith("RESULT ")]
+    results = [json.loads(f.read_text()) for f in sorted(out.glob("result.rank*.json"))]
     if proc.returncode != 0 or len(results) != 2:
         errors = [l for l in (proc.stderr + proc.stdout).splitlines()
                   if "Error" in l or "error:" in l]
         return f"exit {proc.returncode}: " + (errors[-1].strip()[:200] if errors else
                                                proc.stderr.strip()[-200:])
-    return sorted(results, key=lambda r: r["rank"])
+    return results
 
 
 def device_name() -> str:
@@ -173,7 +174,7 @@ def mb(b: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=15, help="timed steps per case (median)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per case (median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--batch", type=int, default=64, help="global batch (2 x micro-batch)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per launch")

@@ -1,0 +1,101 @@
+"""The optimizer step inside a DeepSpeed ZeRO-2 engine on one device, vs the bare step.
+
+``engine.step()`` under ZeRO-2 (fp32) steps the toolkit's torch optimizer on DeepSpeed's
+flat fp32 partition and copies the result back into the model; this measures what that
+wrapping costs over ``optimizer.step()`` on the same parameters, for AdamW and AMSGrad.
+
+    python bench/zero_step_gpu.py --params 5e8          # on a GPU (one process)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from toolkit.optim import build_optimizer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def median_ms(fn, sync, warmup: int = 3, steps: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=float, default=5e8)
+    parser.add_argument("--width", type=int, default=8192)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+        os.environ.setdefault(key, value)
+    import deepspeed
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    layers = max(1, round(args.params / args.width**2))
+    rows = [f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch "
+            f"{torch.__version__}, deepspeed {deepspeed.__version__}; {layers} x "
+            f"Linear({args.width}, {args.width}) = {layers * args.width**2 / 1e6:.0f}M fp32 params",
+            "", "| optimizer | bare step ms | ZeRO-2 engine.step ms | ratio |", "|---|---:|---:|---:|"]
+    for amsgrad in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(args.width, args.width, bias=False)
+                                for _ in range(layers)]).to(device)
+        opt = build_optimizer(model.parameters(), "adamw", 1e-4, amsgrad=amsgrad)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        bare = median_ms(opt.step, sync)
+        del opt
+        for p in model.parameters():
+            p.grad = None
+        engine_opt = build_optimizer(model.parameters(), "adamw", 1e-4, amsgrad=amsgrad)
+        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+                  "zero_force_ds_cpu_optimizer": False, "steps_per_print": 2**62}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=engine_opt, config=config)
+        x = torch.randn(1, args.width, device=device)
+
+        def backward():
+            engine.backward(engine(x).square().mean())
+
+        # Time engine.step alone: backward runs between timed calls.
+        times = []
+        backward()
+        for i in range(13):
+            sync()
+            start = time.perf_counter()
+            engine.step()
+            sync()
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+            backward()
+        zero = 1e3 * statistics.median(times)
+        name = "AMSGrad" if amsgrad else "AdamW"
+        rows.append(f"| {name} (toolkit fused) | {bare:.1f} | {zero:.1f} | {zero / bare:.2f} |")
+        del engine, engine_opt, model
+        torch.cuda.empty_cache() if device == "cuda" else None
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
