@@ -28,9 +28,13 @@ def run(main: Callable[[], object]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"plot": _plot, "memory": _memory}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+        sys.exit(0 if argv else 2)
+    if argv[0] not in commands:
+        print(f"error: command {argv[0]!r} is unknown; choose one of {', '.join(commands)}",
+              file=sys.stderr)
+        sys.exit(2)
     run(lambda: commands[argv[0]](argv[1:]))
 
 
