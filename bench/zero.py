@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import socket
 import statistics
@@ -151,9 +152,11 @@ def launch(name: str, amsgrad: bool, args: argparse.Namespace, tmp: Path) -> lis
         return f"timed out after {args.timeout} s"
     results = [json.loads(f.read_text()) for f in sorted(out.glob("result.rank*.json"))]
     if proc.returncode != 0 or len(results) != 2:
+        # The ranks' own exception, not torchrun's ChildFailedError summary.
         errors = [l for l in (proc.stderr + proc.stdout).splitlines()
-                  if "Error" in l or "error:" in l]
-        return f"exit {proc.returncode}: " + (errors[-1].strip()[:200] if errors else
+                  if re.match(r"[\w.]+(Error|Exception): ", l.strip())
+                  and "ChildFailedError" not in l]
+        return f"exit {proc.returncode}: " + (errors[0].strip()[:200] if errors else
                                                proc.stderr.strip()[-200:])
     return results
 

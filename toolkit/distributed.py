@@ -14,8 +14,12 @@ import socket
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
+from pathlib import Path
 
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+from toolkit import strategy
 from toolkit.errors import UserError
 
 
@@ -64,3 +68,37 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(moved, op=dist.ReduceOp.SUM)
         return moved.to(t.device)
     return t
+
+
+def make_accelerator(strategy_flag: str, deepspeed_json: str | None, *, batch_size: int,
+                     grad_accum: int, clip: float | None, precision: str,
+                     project_dir: Path) -> tuple[Accelerator, str]:
+    """The ``Accelerator`` for a run and the strategy it runs (see :mod:`toolkit.strategy`).
+
+    ``batch_size`` is the global batch per optimizer step; the DeepSpeed config, when there
+    is one, is generated from these values so that it cannot disagree with the loop.
+    """
+    name, user = strategy.resolve(strategy_flag, deepspeed_json)
+    stage, offload = strategy.parse_strategy(name)
+    prepare_env(deepspeed=stage > 0)
+    world = launcher_world_size()
+    if batch_size % (world * grad_accum):
+        raise UserError(f"batch_size={batch_size} must be a multiple of processes x "
+                        f"grad_accum = {world} x {grad_accum}")
+    plugin = None if not stage else DeepSpeedPlugin(
+        hf_ds_config=strategy.deepspeed_config(
+            stage, offload, micro_batch=batch_size // (world * grad_accum), grad_accum=grad_accum,
+            world=world, clip=clip, precision=precision, user=user),
+        zero3_init_flag=False)
+    # DeepSpeed on CPU needs gloo named explicitly, or Accelerate reports one process.
+    handlers = [InitProcessGroupKwargs(backend="gloo")] \
+        if stage and world > 1 and not torch.cuda.is_available() else []
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+                              log_with="tensorboard", project_dir=str(project_dir),
+                              deepspeed_plugin=plugin, kwargs_handlers=handlers)
+    check_world_size(accelerator)
+    if precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate 1.15 would silently train in fp32 (no autocast, no scaler) on CPU.
+        raise UserError("precision=fp16 needs a GPU (on CPU Accelerate ignores it and trains "
+                        "in fp32); use --precision bf16 or fp32 on CPU")
+    return accelerator, name

@@ -24,16 +24,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, send_to_device
+from accelerate.utils import DistributedType, send_to_device
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from toolkit import checkpoint, strategy
 from toolkit.config import OptimConfig, ScheduleConfig, TrainConfig, write_json
-from toolkit.distributed import (all_reduce_sum, check_world_size, launcher_world_size,
-                                 prepare_env)
+from toolkit.distributed import all_reduce_sum, make_accelerator
 from toolkit.errors import UserError
 from toolkit.sampler import GlobalBatchSampler, ShardSampler
 from toolkit.schedule import beta1_of
@@ -63,32 +61,12 @@ class Trainer:
                  config: dict | None = None, layer_groups: list[nn.Module] | None = None):
         self.cfg, self.config = train, config
         self.out = Path(train.output_dir)
-        self.strategy, user_ds = strategy.resolve(train.strategy, train.deepspeed_config)
-        stage, offload = strategy.parse_strategy(self.strategy)
-        prepare_env(deepspeed=stage > 0)
-        world = launcher_world_size()
-        if train.batch_size % (world * train.grad_accum):
-            raise UserError(f"batch_size={train.batch_size} must be a multiple of processes x "
-                            f"grad_accum = {world} x {train.grad_accum}")
-        plugin = None if not stage else DeepSpeedPlugin(
-            hf_ds_config=strategy.deepspeed_config(
-                stage, offload, micro_batch=train.batch_size // (world * train.grad_accum),
-                grad_accum=train.grad_accum, world=world, clip=train.clip,
-                precision=train.precision, user=user_ds),
-            zero3_init_flag=False)
-        # DeepSpeed on CPU needs gloo named explicitly, or Accelerate reports one process.
-        handlers = [InitProcessGroupKwargs(backend="gloo")] \
-            if stage and world > 1 and not torch.cuda.is_available() else []
-        self.accelerator = acc = Accelerator(
-            mixed_precision="no" if train.precision == "fp32" else train.precision,
-            log_with="tensorboard", project_dir=str(self.out), deepspeed_plugin=plugin,
-            kwargs_handlers=handlers)
-        check_world_size(acc)
+        acc, self.strategy = make_accelerator(
+            train.strategy, train.deepspeed_config, batch_size=train.batch_size,
+            grad_accum=train.grad_accum, clip=train.clip, precision=train.precision,
+            project_dir=self.out)
+        self.accelerator = acc
         self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
-        if train.precision == "fp16" and acc.device.type == "cpu":
-            # Accelerate 1.15 would silently train in fp32 (no autocast, no scaler) on CPU.
-            raise UserError("precision=fp16 needs a GPU (on CPU Accelerate ignores it and trains "
-                            "in fp32); use --precision bf16 or fp32 on CPU")
         world, rank = acc.num_processes, acc.process_index
         self.micro_batch = train.batch_size // (world * train.grad_accum)
         self.train_data, self.eval_data = train_data, eval_data
