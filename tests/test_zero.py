@@ -132,6 +132,13 @@ def test_user_json_conflicts_are_one_line_errors():
         strategy.parse_strategy("zero4")
 
 
+def test_a_deepspeed_optimizer_section_is_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}))
+    with pytest.raises(UserError, match="'optimizer' section"):
+        strategy.load_json(path)
+
+
 def test_strategy_flag_contradicting_the_launcher_is_an_error(tmp_path):
     proc = launch(TINY, ["--output-dir", str(tmp_path), "--strategy", "zero3"],
                   launcher="accelerate", config=str(ROOT / "launch" / "cpu-zero2.yaml"), check=False)

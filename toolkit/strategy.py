@@ -66,9 +66,15 @@ def from_launcher() -> tuple[str | None, dict | None]:
 
 def load_json(path: str | Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"DeepSpeed config {path} could not be read: {e}") from None
+    for key in ("optimizer", "scheduler"):
+        if key in config:
+            # DeepSpeed would build its own (FusedAdam/CPUAdam: no AMSGrad) in place of ours.
+            raise UserError(f"DeepSpeed config {path} has an {key!r} section; the toolkit sets "
+                            f"the optimizer and 1cycle with --optim.* and --schedule.*: remove it")
+    return config
 
 
 def resolve(flag: str, user_json: str | None) -> tuple[str, dict | None]:
@@ -155,3 +161,4 @@ def full_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
             return {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
     return {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
+
