@@ -47,7 +47,7 @@ def test_keeps_newest_committed(run):
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_4", "step_6"]  # no .tmp- leftovers
     for step in (4, 6):
         marker = json.loads((ckpt / f"step_{step}" / MARKER).read_text())
-        assert marker == {"step": step, "world_size": 1}
+        assert marker == {"step": step, "world_size": 1, "zero_stage": 0}
     assert list_checkpoints(ckpt) == [(4, ckpt / "step_4"), (6, ckpt / "step_6")]
     assert resolve_resume("auto", ckpt) == ckpt / "step_6"
     assert json.loads((run / "results.json").read_text())["checkpoint"] == str(ckpt / "step_6")

@@ -21,6 +21,7 @@ from toolkit import strategy
 from toolkit.cli import run
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, parse, to_dict
 from toolkit.lr_finder import lr_find
+from toolkit.schedule import beta1_of
 from toolkit.trainer import Trainer
 
 
@@ -68,7 +69,7 @@ class TinyTrainer(Trainer):
         # Read from the optimizer that really steps: inside the DeepSpeed engine, if any.
         inner = strategy.torch_optimizer(getattr(self.model, "optimizer", None) or self.optimizer)
         group = inner.param_groups[0]
-        self.schedule_seen.append({"lr": float(group["lr"]), "beta1": float(group["betas"][0])})
+        self.schedule_seen.append({"lr": float(group["lr"]), "beta1": beta1_of(group)})
         loss = super().optimizer_step(it, step_schedule)
         if self.sleep:
             time.sleep(self.sleep)
