@@ -117,6 +117,22 @@ class OneCycle(LRScheduler):
 
     def step(self, epoch: None = None) -> None:
         super().step()
+        self._write_beta1()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the step and write its lr and beta1 into the optimizer: the schedule is
+        a function of the step, whatever state the optimizer's groups were loaded with."""
+        super().load_state_dict(state_dict)
+        lrs = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        self._last_lr = lrs
+        self._write_beta1()
+
+    def _write_beta1(self) -> None:
         if self.cycle_momentum:
             _, mom = self.values(self.last_epoch)
             for group in self.optimizer.param_groups:
