@@ -393,3 +393,21 @@ def test_good_edges_accepted():
     opt = _make_opt("adamw", _params(), 0.1)
     OneCycle(opt, 1, final_frac=0.0, moms=(0.0, 0.0))
     OneCycle(opt, 1, final_frac=1.0, phases=(0, 0, 0, 1), pct=5.0)  # pct unused with phases
+
+
+def test_load_state_dict_writes_the_restored_steps_values():
+    """Elastic ZeRO shards (and any optimizer restored without its groups) come back with
+    the step-0 lr and beta1: loading the schedule must write the restored step's values."""
+    def fresh():
+        opt = torch.optim.AdamW([torch.zeros(2, requires_grad=True)], lr=1.0, betas=(0.9, 0.99))
+        return opt, OneCycle(opt, 50)
+    opt, sched = fresh()
+    for _ in range(17):
+        opt.step()
+        sched.step()
+    want = (opt.param_groups[0]["lr"], opt.param_groups[0]["betas"][0])
+    opt2, sched2 = fresh()
+    assert opt2.param_groups[0]["lr"] != want[0]
+    sched2.load_state_dict(sched.state_dict())
+    assert (opt2.param_groups[0]["lr"], opt2.param_groups[0]["betas"][0]) == want
+    assert sched2.get_last_lr() == sched.get_last_lr()
