@@ -24,31 +24,17 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+from report import device_name, emit
 from toolkit.eval import CachePointer, cache_pointer_reference
 
 THETA, LAMBDA, WINDOW = 0.662, 0.1279, 3785  # the post's values
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(l.split(":", 1)[1].strip() for l in out.splitlines()
-                     if l.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def dense_one_hot_loop(p_vocab: torch.Tensor, hidden: torch.Tensor, one_hot: torch.Tensor,
@@ -163,11 +149,7 @@ def main() -> None:
         rate = f"{1 / t:,.0f}" if t < 0.01 else f"{1 / t:.3g}"
         lines.append(f"| {name} | {rate} | {t * 1e3:.3g} | {ref64 / t:.3g} | "
                      f"{best_loop / t:.3g} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -23,15 +23,14 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+from report import device_name, emit
 from toolkit.optim import build_optimizer
 
 LR, BETAS, EPS, WD = 1e-3, (0.95, 0.99), 1e-8, 0.01
@@ -100,18 +99,6 @@ def optimizers(device: str, amsgrad: bool) -> dict[str, Callable[[list], object]
     return makers
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(l.split(":", 1)[1].strip() for l in out.splitlines()
-                     if l.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=25e6, help="parameters to update")
@@ -165,11 +152,7 @@ def main() -> None:
             lines.append(f"| {name} | {t * 1e3:.1f} | {n / t / 1e6:.0f} | "
                          f"{t / fastest:.2f} | {bound / t:.2f} |")
         lines += [f"| {name} | {why} | | | |" for name, why in failed.items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

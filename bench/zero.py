@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import resource
 import socket
@@ -43,6 +42,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from report import device_name, emit
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload")
@@ -173,16 +174,6 @@ def launch(name: str, amsgrad: bool, args: argparse.Namespace, tmp: Path) -> lis
     return f"exit {proc.returncode}: " + next(e for e in errors if e)[:300].replace("|", "/")
 
 
-def device_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(l.split(":", 1)[1].strip() for l in out.splitlines()
-                     if l.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def mb(b: float) -> str:
     return f"{b / 2**20:.1f}"
 
@@ -276,11 +267,7 @@ def main() -> None:
     lines += ["", "Check: each rank's bytes of each optimizer state within 5% of the "
                   "unsharded size / 2 for ZeRO (equal to it for DDP):", ""]
     lines += [f"- {c}" for c in checks]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
