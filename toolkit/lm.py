@@ -30,6 +30,7 @@ from toolkit.distributed import all_reduce_sum
 from toolkit.errors import UserError
 from toolkit.eval.cache_pointer import CachePointer
 from toolkit.models.awd_lstm import AWDLanguageModel, repackage_hidden
+from toolkit.schedule import set_lr
 from toolkit.trainer import Trainer
 
 
@@ -147,10 +148,7 @@ class LMTrainer(Trainer):
         # steps after this returns; the scheduler's next step() rewrites every group's lr.
         factor = self.stream.lr_factor(seq_len)
         for group in self.scheduler.optimizer.param_groups:
-            if torch.is_tensor(group["lr"]):
-                group["lr"].mul_(factor)
-            else:
-                group["lr"] *= factor
+            set_lr(group, float(group["lr"]) * factor)
         logp, _, hidden, penalty = self.model(x, y, self.hidden)
         self.hidden = repackage_hidden(hidden)
         return -logp.mean() + penalty.ar + penalty.tar

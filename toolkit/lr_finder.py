@@ -14,11 +14,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from toolkit.checkpoint import rng_state, set_rng_state
 from toolkit.config import write_json
 from toolkit.distributed import all_reduce_sum
+from toolkit.schedule import set_lr
 
 
 def suggestions(lrs: list[float], smoothed: list[float]) -> dict[str, float]:
@@ -65,7 +65,7 @@ def lr_find(trainer, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: in
     for i in range(num_steps):
         lr = start_lr * (end_lr / start_lr) ** (i / (num_steps - 1))
         for group, r in zip(opt.param_groups, ratios):
-            group["lr"] = lr * r if not torch.is_tensor(group["lr"]) else group["lr"].fill_(lr * r)
+            set_lr(group, lr * r)
         loss = all_reduce_sum(trainer.optimizer_step(it, step_schedule=False).double())
         loss = loss.item() / acc.num_processes
         avg = smooth * avg + (1 - smooth) * loss

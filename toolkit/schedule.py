@@ -125,10 +125,7 @@ class OneCycle(LRScheduler):
         super().load_state_dict(state_dict)
         lrs = self.get_lr()
         for group, lr in zip(self.optimizer.param_groups, lrs):
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
+            set_lr(group, lr)
         self._last_lr = lrs
         self._write_beta1()
 
@@ -137,6 +134,14 @@ class OneCycle(LRScheduler):
             _, mom = self.values(self.last_epoch)
             for group in self.optimizer.param_groups:
                 set_beta1(group, mom)
+
+
+def set_lr(group: dict, value: float) -> None:
+    """Set a param group's lr, in place when it is a tensor (the compiled step)."""
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(value)
+    else:
+        group["lr"] = value
 
 
 def set_beta1(group: dict, value: float) -> None:
