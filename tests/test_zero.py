@@ -71,11 +71,35 @@ def test_zero_matches_one_process_and_shards_states(name, amsgrad, single, tmp_p
     for a, b in zip(dumps(tmp_path / "dump_r", 2), ranks):
         for k, v in b["params"].items():
             assert torch.equal(a["params"][k], v), k
-    # Another world size: refused in one line (DeepSpeed will not re-cut ZeRO shards).
-    other = launch(TINY, ["--output-dir", str(tmp_path / "other"), "--strategy", name,
-                          "--resume", str(run / "checkpoints" / "step_7"), *flag], check=False)
-    assert other.returncode == 2
-    assert "ZeRO checkpoints resume only on the same number of processes" in other.stderr
+    # Another world size: the shards are re-cut for 1 process, optimizer state included.
+    launch(TINY, ["--output-dir", str(tmp_path / "one"), "--dump", str(tmp_path / "dump_1"),
+                  "--strategy", name, "--resume", str(run / "checkpoints" / "step_7"), *flag])
+    for k, v in ref["params"].items():
+        torch.testing.assert_close(dumps(tmp_path / "dump_1", 1)[0]["params"][k], v,
+                                   rtol=1e-5, atol=1e-6)
+    # Another ZeRO stage: refused in one line.
+    other = "zero3" if name.startswith("zero2") else "zero2"
+    proc = launch(TINY, ["--output-dir", str(tmp_path / "other"), "--strategy", other,
+                         "--resume", str(run / "checkpoints" / "step_7"), *flag], check=False)
+    assert proc.returncode == 2
+    assert "resume with the strategy it was saved with" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name, amsgrad", CASES)
+def test_zero_checkpoint_of_one_process_resumes_on_two(name, amsgrad, single, tmp_path):
+    """1 -> 2 processes: each rank takes its half of the saved optimizer state. The states
+    after 7 steps differ between AdamW and AMSGrad (see the test above), so a lost or zeroed
+    max_exp_avg_sq would move the result by ~1e-4, 100x the tolerance."""
+    flag = ["--optim.amsgrad"] if amsgrad else []
+    run = tmp_path / "run"
+    launch(TINY, ["--output-dir", str(run), "--strategy", name, "--checkpoint-every", "7",
+                  "--keep-checkpoints", "5", *flag])
+    launch(TINY, ["--output-dir", str(tmp_path / "two"), "--dump", str(tmp_path / "dump"),
+                  "--strategy", name, "--resume", str(run / "checkpoints" / "step_7"), *flag],
+           launcher="torchrun")
+    for d in dumps(tmp_path / "dump", 2):
+        for k, v in single[amsgrad]["params"].items():
+            torch.testing.assert_close(d["params"][k], v, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["zero2", pytest.param("zero3", marks=pytest.mark.slow)])
@@ -123,7 +147,8 @@ def test_user_json_conflicts_are_one_line_errors():
                                      precision="fp32")
     assert ours["train_batch_size"] == 16 and ours["zero_force_ds_cpu_optimizer"] is False
     merged = strategy.merge(ours, {"zero_optimization": {"overlap_comm": True, "stage": "auto"}})
-    assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert merged["zero_optimization"] == {"stage": 2, "elastic_checkpoint": True,
+                                           "overlap_comm": True}
     with pytest.raises(UserError, match=r"train_micro_batch_size_per_gpu=4 .* gives 8"):
         strategy.merge(ours, {"train_micro_batch_size_per_gpu": 4})
     with pytest.raises(UserError, match=r"zero_optimization.stage=3"):

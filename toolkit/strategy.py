@@ -94,7 +94,9 @@ def resolve(flag: str, user_json: str | None) -> tuple[str, dict | None]:
 def deepspeed_config(stage: int, offload: bool, *, micro_batch: int, grad_accum: int, world: int,
                      clip: float | None, precision: str, user: dict | None = None) -> dict:
     """The DeepSpeed JSON for a toolkit run, ``user``'s extra keys merged in."""
-    zero: dict = {"stage": stage}
+    # Stages 1/2 save their optimizer shards unpadded ("elastic"), so that a checkpoint can be
+    # re-cut for another number of processes (toolkit.checkpoint.any_world).
+    zero: dict = {"stage": stage, **({"elastic_checkpoint": True} if stage < 3 else {})}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
         if stage == 3:

@@ -85,6 +85,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, train.max_steps)
         optimizer = optim.build(model, layer_groups)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        checkpoint.any_world(self.model)
         # The schedule drives the torch optimizer that really steps (inside DeepSpeed's
         # ZeRO wrapper, if any), once per optimizer step.
         self.scheduler = schedule.build(strategy.torch_optimizer(self.optimizer),
