@@ -233,7 +233,8 @@ def _recut_zero3(opt, shards: list[dict]) -> dict:
             out.append(torch.cat(pieces))
         return out
 
-    state = {k: v for k, v in shards[0].items() if k not in (FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT)}
+    recut_keys = (FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT)
+    state = {k: v for k, v in shards[0].items() if k not in recut_keys}
     state[FP32_FLAT_GROUPS] = recut([sd[FP32_FLAT_GROUPS] for sd in shards])
     optim = shards[0][OPTIMIZER_STATE_DICT]
     if len(optim["state"]) not in (0, len(opt.fp16_groups)):
@@ -248,7 +249,8 @@ def _recut_zero3(opt, shards: list[dict]) -> dict:
         else:  # the step: one per group, equal on every rank (its own tensor: stepped in place)
             per_group[key] = [optim["state"][i][key] for i in groups]
     state[OPTIMIZER_STATE_DICT] = {
-        "state": {i: {key: v[i] for key, v in per_group.items()} for i in groups} if per_group else {},
+        "state": {i: {key: v[i] for key, v in per_group.items()} for i in groups
+                  if per_group},
         "param_groups": optim["param_groups"]}
     return state
 
