@@ -165,9 +165,11 @@ def _load_zero_shards(engine, load_dir: str, tag: str, load_optimizer_states: bo
                             checkpoint_folder=None, load_serial=None,
                             param_shapes=engine._get_zero_param_shapes())
         return True
-    if not isinstance(shards[0][BASE_OPTIMIZER_STATE], list):
-        raise UserError(f"ZeRO checkpoint {load_dir}/{tag} was saved without elastic_checkpoint; "
-                        "resume it with DeepSpeed directly on the same number of processes")
+    if not isinstance(shards[0][BASE_OPTIMIZER_STATE], list):  # saved without elastic_checkpoint
+        if len(shards) != world:
+            raise UserError(f"ZeRO checkpoint {load_dir} was saved without elastic_checkpoint; "
+                            f"resume it on {len(shards)} processes")
+        return type(engine)._load_zero_checkpoint(engine, load_dir, tag, load_optimizer_states)
     opt._wait_for_offload_copies()
     opt._load_global_state(shards[0])
     if load_optimizer_states:

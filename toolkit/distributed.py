@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,11 @@ def prepare_env(deepspeed: bool = False) -> None:
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                            ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
             os.environ.setdefault(key, value)
+    if deepspeed:
+        # DeepSpeed 0.19.8 calls torch's deprecated all_gather_into_tensor at every step; torch
+        # 2.14 warns each time, burying the progress bar.
+        warnings.filterwarnings("ignore", r"`torch\.distributed\.all_gather_into_tensor` is "
+                                "deprecated", FutureWarning)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's ops and comm on CPU
         if launcher_world_size() > 1 and not deepspeed:
