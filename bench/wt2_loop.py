@@ -100,16 +100,16 @@ def main() -> None:
     # order, so step i has the same shape in every run.
     durations: dict[tuple[str, str], list[list[float]]] = {
         (m, l): [] for m in configs for l in loops}
+    # Variable lengths: count the tokens of the timed batches themselves.
     tokens: dict[str, list[int]] = {}
+    for model, cfg in configs.items():
+        stream = BPTTStream(corpus.train, cfg.train.batch_size, cfg.bptt, seed=cfg.train.seed)
+        tokens[model] = [n * cfg.train.batch_size for _, (_, _, n) in
+                         zip(range(args.steps), stream.batches(0))][args.warmup:]
     for r in range(args.rounds):
         for (model, loop), got in durations.items():
-            cfg = configs[model]
-            times = loops[loop](cfg, corpus.train, corpus.vocab_size, args.steps)
+            times = loops[loop](configs[model], corpus.train, corpus.vocab_size, args.steps)
             got.append([b - a for a, b in zip(times[args.warmup - 1:], times[args.warmup:])])
-            # Variable lengths: count the tokens of the timed batches themselves.
-            stream = BPTTStream(corpus.train, cfg.train.batch_size, cfg.bptt, seed=cfg.train.seed)
-            tokens[model] = [n * cfg.train.batch_size for _, (_, _, n) in
-                             zip(range(args.steps), stream.batches(0))][args.warmup:]
             print(f"round {r}: {model}, {loop}: {sum(tokens[model]) / sum(got[-1]):,.0f} "
                   "tokens/s", flush=True)
 
