@@ -15,6 +15,7 @@ silently differ.
 from __future__ import annotations
 
 import functools
+import errno
 import glob
 import itertools
 import json
@@ -22,15 +23,19 @@ import os
 import random
 import re
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from toolkit.distributed import all_reduce_sum, gather_objects
 from toolkit.errors import UserError
 
 MARKER = "COMMITTED"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# Leftovers of an interrupted save (.tmp-) or prune (.del-); the next save removes them.
+_LEFTOVER = re.compile(r"^(\.tmp-|\.del-)step_\d+$")
 
 
 def committed(path: Path) -> bool:
@@ -49,13 +54,12 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
-    """The checkpoint to resume from: ``auto`` = newest committed one (or none), or a path."""
+def candidates(resume: str | None, ckpt_dir: Path) -> list[Path]:
+    """Checkpoints to try in order: ``auto`` = the committed ones, newest first; a path = it."""
     if resume is None:
-        return None
+        return []
     if resume == "auto":
-        found = list_checkpoints(ckpt_dir)
-        return found[-1][1] if found else None
+        return [p for _, p in reversed(list_checkpoints(ckpt_dir))]
     path = Path(resume)
     if not path.is_dir():
         raise UserError(f"--resume {resume}: no such checkpoint folder; pass 'auto' or a "
@@ -63,7 +67,85 @@ def resolve_resume(resume: str | None, ckpt_dir: Path) -> Path | None:
     if not committed(path):
         raise UserError(f"--resume {resume}: not a complete checkpoint (no {MARKER} marker: "
                         "its save was interrupted); pass 'auto' or another step_N folder")
-    return path
+    return [path]
+
+
+def read_marker(path: Path) -> dict:
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        if not isinstance(marker, dict) or "step" not in marker:
+            raise ValueError("no step recorded")
+        return marker
+    except (OSError, ValueError) as e:
+        raise UserError(f"checkpoint {path}: its {MARKER} marker is unreadable ({e}); resume "
+                        "from another step_N folder") from None
+
+
+def _files(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                  if p.is_file() and p.name != MARKER)
+
+
+def crc32(file: Path, chunk: int = 1 << 24) -> str:
+    """CRC-32 of a file, read in 16 MiB chunks (zlib: ~6.6 GB/s here, sha256 ~1.9 GB/s)."""
+    crc = 0
+    with open(file, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def checksums(path: Path, rank: int = 0, world: int = 1) -> dict[str, dict]:
+    """Size and CRC-32 of this rank's share (every ``world``-th) of the files under ``path``."""
+    return {name: {"bytes": (path / name).stat().st_size, "crc32": crc32(path / name)}
+            for name in _files(path)[rank::world]}
+
+
+def check(path: Path, rank: int = 0, world: int = 1) -> str | None:
+    """The first problem of this rank's share of ``path``'s recorded files, or None.
+
+    A checkpoint saved before files were recorded is taken as it is.
+    """
+    try:
+        recorded = read_marker(path).get("files")
+    except UserError:
+        return f"its {MARKER} marker is unreadable"
+    if recorded is None:
+        return None
+    for name in sorted(recorded)[rank::world]:
+        file, want = path / name, recorded[name]
+        if not file.is_file():
+            return f"{file} is missing"
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            return f"{file} has {size} bytes, {want['bytes']} were saved (truncated or replaced)"
+        if crc32(file) != want["crc32"]:
+            return f"{file} fails its checksum (its bytes changed after the save)"
+    return None
+
+
+def resume_point(accelerator, resume: str | None, ckpt_dir: Path) -> Path | None:
+    """The checkpoint to resume from, verified by all ranks together (collective).
+
+    ``auto`` passes over a damaged newest checkpoint to the one before, saying which and
+    why; a damaged checkpoint named by path, or no sound one at all, is a one-line error.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    tried = []
+    for path in candidates(resume, ckpt_dir):
+        why = next((w for w in gather_objects(check(path, rank, world)) if w), None)
+        if why is None:
+            if tried:
+                accelerator.print(f"note: resuming from {path}, not from the newer "
+                                  + "; ".join(tried))
+            return path
+        if resume != "auto":
+            raise UserError(f"checkpoint {path} is damaged: {why}; resume from another "
+                            "step_N folder")
+        tried.append(f"{path.name} ({why})")
+    if tried:
+        raise UserError(f"no checkpoint in {ckpt_dir} is sound: " + "; ".join(tried))
+    return None
 
 
 def rng_state() -> dict:
@@ -95,33 +177,113 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def clean_leftovers(ckpt_dir: Path) -> None:
+    """Remove what interrupted saves and prunes left: temp folders, folders being deleted,
+    and ``step_N`` folders without their marker (never loadable)."""
+    for p in ckpt_dir.iterdir():
+        if _LEFTOVER.match(p.name) or (_STEP_DIR.match(p.name) and not committed(p)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint so that it is never seen half-deleted: out of sight first (one
+    rename), then its files."""
+    gone = path.with_name(".del-" + path.name)
+    os.rename(path, gone)
+    _fsync_dir(path.parent)
+    shutil.rmtree(gone)
+
+
+def _save_failed(error: BaseException, tmp: Path, ckpt_dir: Path) -> UserError:
+    """The one-line reason a save failed, after ``tmp`` is gone; names space when short."""
+    written = _size(tmp) if tmp.exists() else 0
+    shutil.rmtree(tmp, ignore_errors=True)
+    free = shutil.disk_usage(ckpt_dir).free
+    last = list_checkpoints(ckpt_dir)
+    full = any(getattr(e, "errno", None) == errno.ENOSPC for e in _chain(error)) or \
+        "No space left" in str(error) or "unexpected pos" in str(error) or free < written
+    if full:
+        need = (f"about {_size(last[-1][1])} bytes (the size of {last[-1][1].name})" if last
+                else f"more than {written + free} bytes")
+        return UserError(f"disk full: saving a checkpoint in {ckpt_dir} needs {need}, {free} "
+                         "bytes are free; the partial save was removed"
+                         + (f", {last[-1][1].name} is intact" if last else "")
+                         + "; free space, then resume with --resume auto")
+    msg = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return UserError(f"saving a checkpoint in {ckpt_dir} failed ({type(error).__name__}: {msg});"
+                     " the partial save was removed")
+
+
+def _chain(e: BaseException | None):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _collectively(accelerator, work, tmp: Path, ckpt_dir: Path, main_only: bool = False):
+    """Run ``work`` (on the main process only, if asked); if it fails on any rank, every
+    rank raises the same kind of one-line error (nobody is left waiting in a collective)."""
+    error = None
+    if accelerator.is_main_process or not main_only:
+        try:
+            work()
+        except (OSError, RuntimeError, ValueError) as e:
+            error = e
+    failed = all_reduce_sum(torch.tensor([float(error is not None)], dtype=torch.float64))
+    if failed.item() > 0:
+        if error is not None:
+            raise _save_failed(error, tmp, ckpt_dir) from error
+        raise UserError(f"saving a checkpoint in {ckpt_dir} failed on another rank (see its "
+                        "error line)")
+
+
 def save(accelerator, ckpt_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
-    """Save every rank's state as ``ckpt_dir/step_{step}``; collective: call on all ranks."""
+    """Save every rank's state as ``ckpt_dir/step_{step}``; collective: call on all ranks.
+
+    Every file's size and CRC-32 go into the marker (:func:`check` verifies them on resume).
+    A save that fails (a full disk) removes its temp folder and raises :class:`UserError`
+    on every rank; the checkpoints already committed are untouched.
+    """
     final = ckpt_dir / f"step_{step}"
-    if committed(final):  # already saved at this step (periodic then final save)
-        return final
     tmp = ckpt_dir / f".tmp-step_{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
-        tmp.mkdir(parents=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def prepare():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(ckpt_dir)
+        tmp.mkdir()
+
+    def write():
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        torch.save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_{rank}.pt")
+
+    _collectively(accelerator, prepare, tmp, ckpt_dir, main_only=True)
+    _collectively(accelerator, write, tmp, ckpt_dir)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    rank = accelerator.process_index
-    torch.save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_{rank}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        marker = {"step": step, "world_size": accelerator.num_processes,
-                  "zero_stage": zero_stage(accelerator)}
+    files = {}
+    for share in gather_objects(checksums(tmp, rank, world)):
+        files.update(share)
+
+    def commit():
+        marker = {"step": step, "world_size": world, "zero_stage": zero_stage(accelerator),
+                  "files": dict(sorted(files.items()))}
         with open(tmp / MARKER, "w") as f:
             json.dump(marker, f)
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
+        if final.exists():  # from before a resume at an earlier step: this one replaces it
+            remove(final)
         os.rename(tmp, final)
         _fsync_dir(ckpt_dir)
         for _, old in list_checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+            remove(old)
+
+    _collectively(accelerator, commit, tmp, ckpt_dir, main_only=True)
     return final
 
 
@@ -259,7 +421,7 @@ def _recut_zero3(opt, shards: list[dict]) -> dict:
 
 def load(accelerator, path: Path) -> dict:
     """Restore model, optimizer, scheduler, scaler and RNG from ``path``; return trainer state."""
-    marker = json.loads((path / MARKER).read_text())
+    marker = read_marker(path)
     rank, world = accelerator.process_index, accelerator.num_processes
     own = path / f"trainer_{rank}.pt"
     saved_stage, stage = marker.get("zero_stage", 0), zero_stage(accelerator)

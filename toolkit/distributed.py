@@ -76,6 +76,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def make_accelerator(strategy_flag: str, deepspeed_json: str | None, *, batch_size: int,
                      grad_accum: int, clip: float | None, precision: str,
                      project_dir: Path) -> tuple[Accelerator, str]:

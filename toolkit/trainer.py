@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from toolkit import checkpoint, strategy
+from toolkit import checkpoint, lifecycle, strategy
 from toolkit.config import OptimConfig, ScheduleConfig, TrainConfig, write_json
 from toolkit.distributed import all_reduce_sum, make_accelerator
 from toolkit.errors import UserError
@@ -61,6 +61,8 @@ class Trainer:
                  config: dict | None = None, layer_groups: list[nn.Module] | None = None):
         self.cfg, self.config = train, config
         self.out = Path(train.output_dir)
+        if lifecycle.launched():
+            lifecycle.exit_with_launcher()
         acc, self.strategy = make_accelerator(
             train.strategy, train.deepspeed_config, batch_size=train.batch_size,
             grad_accum=train.grad_accum, clip=train.clip, precision=train.precision,
@@ -95,6 +97,7 @@ class Trainer:
         torch.manual_seed(train.seed + 1_000_003 * rank)
         self.step = 0
         self._stop_signal: int | None = None
+        self._claimed, self._lock, self._saved = False, None, None
 
     # ---- what subclasses override -------------------------------------------------------
     def train_step(self, batch) -> torch.Tensor:
@@ -205,22 +208,39 @@ class Trainer:
         # Only a flag: I/O in a handler can deadlock mid-collective (Lightning #21406).
         self._stop_signal = signum
 
+    def claim_output_dir(self) -> None:
+        """Make this run the only one writing ``output_dir`` (:func:`lifecycle.claim`);
+        collective, and a no-op once done."""
+        if self._claimed:
+            return
+        error = None
+        if self.is_main:
+            try:
+                self._lock = lifecycle.claim(self.out)
+            except UserError as e:
+                error = e
+        if all_reduce_sum(torch.tensor([float(error is not None)])).item() > 0:
+            raise error or UserError(f"--output-dir {self.out} is in use by another run")
+        self._claimed = True
+
     def start(self) -> None:
-        """Check the output folder, resume if asked, write config.json, open trackers."""
+        """Check and claim the output folder, resume if asked, write config.json, open
+        trackers."""
         ckpt_dir = self.out / "checkpoints"
-        resume = checkpoint.resolve_resume(self.cfg.resume, ckpt_dir)
+        checkpoint.candidates(self.cfg.resume, ckpt_dir)  # a bad --resume path: before any write
         if self.cfg.resume is None and (checkpoint.list_checkpoints(ckpt_dir)
                                         or (self.out / "metrics.jsonl").exists()):
             raise UserError(f"--output-dir {self.out} already holds a run; pass --resume auto "
                             "to continue it, or choose another --output-dir")
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if self.config is not None and resume is None:
-                write_json(self.out / "config.json", self.config)
+        self.claim_output_dir()
+        resume = checkpoint.resume_point(self.accelerator, self.cfg.resume, ckpt_dir)
+        if self.is_main and self.config is not None and resume is None:
+            write_json(self.out / "config.json", self.config)
         self.accelerator.wait_for_everyone()
         if resume is not None:
             state = checkpoint.load(self.accelerator, resume)
             self.step = state["step"]
+            self._saved = (self.step, resume)  # no second save of the same step
             self.load_extra_state(state.get("extra", {}))
             if state["total_steps"] != self.total_steps:
                 raise UserError(f"checkpoint {resume} belongs to a run of "
@@ -238,10 +258,13 @@ class Trainer:
                    f"{', amsgrad' if opt.defaults.get('amsgrad') else ''})")
 
     def save(self) -> Path:
-        return checkpoint.save(self.accelerator, self.out / "checkpoints", self.step,
-                               {"step": self.step, "total_steps": self.total_steps,
-                                "extra": self.extra_state()},
-                               self.cfg.keep_checkpoints)
+        if self._saved is None or self._saved[0] != self.step:  # not twice at one step
+            path = checkpoint.save(self.accelerator, self.out / "checkpoints", self.step,
+                                   {"step": self.step, "total_steps": self.total_steps,
+                                    "extra": self.extra_state()},
+                                   self.cfg.keep_checkpoints)
+            self._saved = (self.step, path)
+        return self._saved[1]
 
     def epochs_str(self) -> str:
         return f"{self.epoch_at(self.total_steps):.3g} epochs"
@@ -316,5 +339,9 @@ class Trainer:
         return results
 
     def close(self) -> None:
-        """End the run: finish trackers and leave the process group (no collectives after)."""
+        """End the run: finish trackers, leave the process group (no collectives after) and
+        release the output folder."""
         self.accelerator.end_training()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
