@@ -1,10 +1,15 @@
-"""Real interruptions: a run killed (SIGKILL) or stopped (SIGTERM/SIGUSR1) mid-epoch and
-resumed equals the uninterrupted run bitwise, dropout RNG and data order included."""
+"""Real interruptions: a run killed (SIGKILL, every process of it, at random moments) or
+stopped (SIGTERM/SIGUSR1) mid-epoch and resumed equals the uninterrupted run bitwise, dropout
+RNG and data order included; a full disk mid-save is one line and loses nothing; a second
+run in the same folder is refused; workers whose launcher died stop."""
 
 from __future__ import annotations
 
 import os
+import random
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -14,6 +19,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, command, dumps, env, launch
+from toolkit.checkpoint import check, list_checkpoints
 
 ARGS = ["--dropout", "0.3", "--epochs", "3", "--checkpoint-every", "1", "--keep-checkpoints", "3"]
 
@@ -50,20 +56,135 @@ def latest_step(run: Path) -> int:
     return max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
 
 
+def run_processes(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The launcher and every process under it (torchrun's workers sit in sessions of their
+    own, so its process group does not hold them)."""
+    root = psutil.Process(proc.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def kill_all(procs: list[psutil.Process]) -> None:
+    """SIGKILL every process and assert that none of them is left."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    gone, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, f"still alive after SIGKILL: {alive}"
+
+
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])
 def test_kill_mid_epoch_and_resume_is_exact(launcher, tmp_path):
     ref = reference(tmp_path, launcher)
     run = tmp_path / "run"
     proc = start(run, launcher)
     wait_for(run / "checkpoints" / "step_14" / "COMMITTED", proc)  # epoch 2 of 3, step 4 of 10
-    os.killpg(proc.pid, signal.SIGKILL)
+    procs = run_processes(proc)
+    assert len(procs) == (3 if launcher == "torchrun" else 1)
+    kill_all(procs)
     proc.wait()
     killed_at = latest_step(run)
     assert 14 <= killed_at < 20  # mid-epoch
     resumed = launch(TINY, [*ARGS, "--output-dir", str(run), "--resume", "auto",
                             "--dump", str(tmp_path / "dump")], launcher=launcher)
-    assert f"resumed from {run / 'checkpoints'}" in resumed.stdout
+    assert f"resumed from {run / 'checkpoints' / f'step_{killed_at}'}" in resumed.stdout
     assert_same_params(dumps(tmp_path / "dump", 1)[0], ref)
+
+
+def test_kill_at_random_moments_then_resume_is_exact(tmp_path, kills: int = 5):
+    """SIGKILL at random moments of a run that checkpoints and prunes every step (so most
+    kills land in a save or a prune): each time every visible checkpoint is sound, the
+    newest resumes, and the run ends equal to an uninterrupted one."""
+    args = [*ARGS[:4], "--checkpoint-every", "1", "--keep-checkpoints", "2"]
+    launch(TINY, [*args, "--output-dir", str(tmp_path / "ref"), "--dump", str(tmp_path / "ref")])
+    ref = dumps(tmp_path / "ref", 1)[0]
+    run, rng = tmp_path / "run", random.Random(0)
+    for i in range(kills):
+        proc = subprocess.Popen(
+            command(TINY, [*args, "--output-dir", str(run), "--step-sleep", "0.02",
+                           *(["--resume", "auto"] if i else [])]),
+            cwd=ROOT, env=env(), start_new_session=True, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        before = latest_step(run) if (run / "checkpoints").is_dir() else 0
+        deadline = time.time() + 120
+        while not list_checkpoints(run / "checkpoints") or latest_step(run) <= before:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.3))
+        kill_all(run_processes(proc))
+        proc.wait()
+        found = list_checkpoints(run / "checkpoints")
+        assert found, "no committed checkpoint left"
+        for _, path in found:
+            assert check(path) is None, check(path)
+    launch(TINY, [*args, "--output-dir", str(run), "--resume", "auto",
+                  "--dump", str(tmp_path / "dump")])
+    assert_same_params(dumps(tmp_path / "dump", 1)[0], ref)
+
+
+def test_second_run_in_the_same_folder_is_refused(tmp_path):
+    run = tmp_path / "run"
+    first = start(run, "torchrun")
+    wait_for(run / "checkpoints" / "step_2" / "COMMITTED", first)
+    holder = next(p for p in run_processes(first)[1:] if p.environ().get("RANK") == "0")
+    second = launch(TINY, [*ARGS, "--output-dir", str(run), "--resume", "auto"], check=False)
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
+    assert "is in use by another run" in lines[0]
+    assert f"pid {holder.pid} on {socket.gethostname()}" in lines[0]
+    out, err = first.communicate(timeout=240)
+    assert first.returncode == 0, err  # the first run was not disturbed
+
+
+def test_workers_stop_when_their_launcher_dies(tmp_path):
+    ref = reference(tmp_path, "torchrun")
+    run = tmp_path / "run"
+    proc = start(run, "torchrun")
+    wait_for(run / "checkpoints" / "step_3" / "COMMITTED", proc)
+    workers = run_processes(proc)[1:]
+    assert len(workers) == 2
+    psutil.Process(proc.pid).kill()  # the launcher alone (an OOM-killed agent)
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers trained on without their launcher: {alive}"
+    assert "the launcher" in proc.stderr.read()
+    launch(TINY, [*ARGS, "--output-dir", str(run), "--resume", "auto",
+                  "--dump", str(tmp_path / "dump")], launcher="torchrun")
+    assert_same_params(dumps(tmp_path / "dump", 1)[0], ref)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 200 KiB file system (tmpfs): room for about three tiny checkpoints."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_disk_full_mid_save_is_one_line_and_loses_nothing(tmp_path, small_disk):
+    args = ["--max-steps", "12", "--checkpoint-every", "2", "--keep-checkpoints", "3"]
+    launch(TINY, [*args, "--output-dir", str(tmp_path / "ref"), "--dump", str(tmp_path / "ref")])
+    run = small_disk / "run"
+    proc = launch(TINY, [*args, "--output-dir", str(run)], check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    free = shutil.disk_usage(small_disk).free
+    assert lines[0].startswith(f"error: disk full: saving a checkpoint in {run / 'checkpoints'}")
+    assert "bytes are free" in lines[0] and "needs about" in lines[0]
+    found = list_checkpoints(run / "checkpoints")
+    assert found and all(check(p) is None for _, p in found)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [p.name for _, p in found]
+    assert free < found[-1][1].stat().st_size + 64 * 1024  # it really was full
+    subprocess.run(["mount", "-o", "remount,size=2m", str(small_disk)], check=True)
+    launch(TINY, [*args, "--output-dir", str(run), "--resume", "auto",
+                  "--dump", str(tmp_path / "dump")])
+    assert_same_params(dumps(tmp_path / "dump", 1)[0], dumps(tmp_path / "ref", 1)[0])
 
 
 def test_sigterm_saves_at_step_boundary_and_exits_zero(tmp_path):

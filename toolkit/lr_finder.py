@@ -21,14 +21,71 @@ from toolkit.distributed import all_reduce_sum
 from toolkit.schedule import set_lr
 
 
-def suggestions(lrs: list[float], smoothed: list[float]) -> dict[str, float]:
-    """``steepest``: lr where the smoothed loss falls fastest (per log lr);
-    ``min_div10``: lr of the lowest smoothed loss, divided by 10."""
-    lrs_a, sm = np.asarray(lrs), np.asarray(smoothed)
+def _valley_index(loss: np.ndarray) -> int:
+    """fastai v2's ``valley`` rule (fastai/fastai, fastai/callback/schedule.py, ``def valley``,
+    commit 0a049e8a, lines ~205-223; the ESRI suggester): the index halfway down the longest
+    strictly falling subsequence of the loss, ending at the first point where that longest
+    one ends. fastai's arithmetic is kept exactly, off-by-one included: with ``run`` points
+    ending at ``end`` it starts counting at ``end - run`` (one before the run) and adds
+    ``int(run / 3) + int(run / 6)``, so "halfway" is one point early (its docs say "roughly
+    2/3 through"; the formula gives 1/2)."""
+    n = len(loss)
+    run = np.ones(n, dtype=int)  # longest strictly falling subsequence ending at point i
+    for i in range(1, n):
+        higher = loss[:i] > loss[i]
+        if higher.any():
+            run[i] = run[:i][higher].max() + 1
+    end = int(np.argmax(run))  # the first longest: fastai moves its end only on a strict gain
+    start = end - int(run[end])
+    third = (end - start) / 3
+    # fastai gets -1 when the longest run starts at point 0 and has under 3 points (a curve
+    # that never falls twice in a row), and Python's lrs[-1] then is the last, most diverged
+    # lr. The first point is the answer that rule means there.
+    return max(start + int(third) + int(third / 2), 0)
+
+
+def suggestions(lrs: list[float], smoothed: list[float], skip_start: int | None = None,
+                skip_end: int = 5) -> dict[str, float]:
+    """Max lrs suggested by an LR range test's smoothed losses, fastai v2's default first.
+
+    ``valley`` (fastai's default): halfway down the longest falling stretch of the curve;
+    ``min_div10``: the lr of the lowest loss, divided by 10;
+    ``steepest``: where the loss falls fastest per log lr, before its minimum.
+
+    As in fastai's ``Learner.lr_find``, the rules see the smoothed losses cut at the first
+    non-finite one (it diverged there) and without the first ``skip_start`` (default: a tenth
+    of the points, fastai's ``num_it // 10``: averages of few batches) and the last
+    ``skip_end`` (5) points. A curve left with under 3 points by that cut is used whole.
+    ``valley`` and ``steepest`` need 3 points; no finite loss gives no suggestion.
+    """
+    if len(lrs) != len(smoothed):
+        raise ValueError(f"suggestions needs one loss per lr, got {len(lrs)} lrs and "
+                         f"{len(smoothed)} losses")
+    lrs_a, sm = np.asarray(lrs, dtype=float), np.asarray(smoothed, dtype=float)
+    bad = np.flatnonzero(~np.isfinite(sm))
+    n = int(bad[0]) if len(bad) else len(sm)
+    start = n // 10 if skip_start is None else skip_start
+    if n - start - skip_end >= 3:
+        lrs_a, sm = lrs_a[start:n - skip_end], sm[start:n - skip_end]
+    else:
+        lrs_a, sm = lrs_a[:n], sm[:n]
+    if len(sm) == 0:
+        return {}
     best = int(np.argmin(sm))
-    out = {"min_div10": float(lrs_a[best] / 10)}
+    out = {}
     if len(sm) >= 3:
-        # Slopes up to the minimum only: past it the loss is diverging, not learning.
+        out["valley"] = float(lrs_a[_valley_index(sm)])
+    # fastai's ``minimum``: the same rule on the same trimmed curve.
+    out["min_div10"] = float(lrs_a[best] / 10)
+    if len(sm) >= 3:
+        # fastai's ``steep`` takes forward differences over the whole curve and returns the
+        # left end of the steepest segment. Here: slopes only up to the minimum, because
+        # past it a fall is the smoothed loss recovering from a spike inside the divergence
+        # (its slope scales with the spike, not with learning); and central differences
+        # (np.gradient), which put a symmetric descent's steepest point on the point itself
+        # rather than half a step to its left. On a smooth curve whose steepest fall comes
+        # before its minimum the two differ by at most one point. On digits (lr 1e-7..10)
+        # fastai's rule picks 1.29, the decay after a loss spike of 203 at lr 0.61.
         end = max(best + 1, 3)
         slope = np.gradient(sm[:end], np.log(lrs_a[:end]))
         out["steepest"] = float(lrs_a[int(np.argmin(slope))])
@@ -46,6 +103,7 @@ def lr_find(trainer, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: in
         raise ValueError(f"lr_find needs 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
     if num_steps < 2:
         raise ValueError(f"num_steps={num_steps} must be >= 2")
+    trainer.claim_output_dir()
     acc, opt = trainer.accelerator, trainer.scheduler.optimizer
     # Snapshot through the checkpoint code: the one way that also restores ZeRO shards,
     # DeepSpeed's counters and the loss scaler. Collective, like the sweep.
@@ -80,9 +138,9 @@ def lr_find(trainer, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: in
     acc.wait_for_everyone()
     if acc.is_main_process:
         shutil.rmtree(snapshot)
-    finite = [i for i, v in enumerate(smoothed) if math.isfinite(v)]
+    # fastai trims a tenth of the planned sweep, also when it stopped early.
     result = {"lrs": lrs, "losses": losses, "smoothed": smoothed,
-              "suggestions": suggestions([lrs[i] for i in finite], [smoothed[i] for i in finite])}
+              "suggestions": suggestions(lrs, smoothed, skip_start=num_steps // 10)}
     if acc.is_main_process:
         out = Path(trainer.cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -101,8 +159,9 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(result["lrs"], result["losses"], alpha=0.3, label="loss")
     ax.plot(result["lrs"], result["smoothed"], label="smoothed")
-    for (name, lr), color in zip(result["suggestions"].items(), ("C2", "C3")):
-        ax.axvline(lr, color=color, ls="--", label=f"{name} {lr:.2g}")
+    # The first suggestion is the default one (valley): drawn solid, the others dashed.
+    for k, (name, lr) in enumerate(result["suggestions"].items()):
+        ax.axvline(lr, color=f"C{k + 2}", ls="-" if k == 0 else "--", label=f"{name} {lr:.2g}")
     ax.set(xscale="log", xlabel="learning rate", ylabel="loss", title="LR range test")
     finite = [v for v in result["smoothed"] if math.isfinite(v)]
     if finite:
