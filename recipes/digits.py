@@ -45,6 +45,12 @@ class Config:
     """Folder with digits.csv.gz (scikit-learn's format: 64 pixels and a label per row);
     default: the copy scikit-learn ships."""
 
+    def validate(self) -> None:
+        if self.width < 1:
+            raise ValueError(f"--width={self.width} must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout={self.dropout} must be in [0, 1)")
+
 
 PRESETS = {
     "default": Config,

@@ -1,4 +1,5 @@
-"""Launch recipes as real programs: one process, ``torchrun`` or ``accelerate launch``."""
+"""Launch recipes as real programs: one process, ``torchrun``, ``accelerate launch`` or
+``deepspeed``."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ def command(script: Path, args: list[str], launcher: str = "python", nproc: int 
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+    if launcher == "deepspeed":  # passes --local_rank=N to each worker
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+                "--master_port", str(free_port()), str(script), *args]
     if launcher == "accelerate":
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                 "--main_process_port", str(free_port()), str(script), *args]
@@ -42,6 +46,8 @@ def env(**extra: str) -> dict:
     e = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1",
          "TOKENIZERS_PARALLELISM": "false", **extra}
     e.pop("ACCELERATE_USE_CPU", None)
+    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):  # not launched by the tests' own launcher
+        e.pop(key, None)
     return {**e, **extra}
 
 

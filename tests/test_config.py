@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -71,6 +72,28 @@ def flat(text: str) -> str:
     (["--keep-checkpoints", "1"], ["keep_checkpoints=1", ">= 2"]),
     (["--preset", "huge"], ["'huge'", "default, adam-l2, sgd"]),
     (["--preset=huge"], ["'huge'", "default, adam-l2, sgd"]),
+    # Combinations, the recipe's own fields, and non-finite numbers in every section.
+    (["--optim.name", "sgd", "--optim.nesterov", "--optim.momentum", "0"],
+     ["nesterov", "momentum > 0"]),
+    (["--optim.name", "sgd", "--optim.impl", "compiled"], ["compiled", "adam and adamw"]),
+    (["--optim.lr-mults"], ["--optim.lr-mults=()", "one value > 0"]),
+    (["--optim.lr-mults", "1", "-2"], ["--optim.lr-mults=(1.0, -2.0)", "> 0"]),
+    (["--dropout", "1.5"], ["--dropout=1.5", "[0, 1)"]),
+    (["--width", "-1"], ["--width=-1", ">= 1"]),
+    (["--width", "0"], ["--width=0", ">= 1"]),
+    (["--optim.wd", "inf"], ["--optim.wd=inf", "finite"]),
+    (["--optim.lr", "inf"], ["--optim.lr=inf", "finite"]),
+    (["--optim.eps", "nan"], ["--optim.eps=nan", "finite"]),
+    (["--optim.betas", "0.9", "inf"], ["--optim.betas=(0.9, inf)", "finite"]),
+    (["--schedule.div", "inf"], ["--schedule.div=inf", "finite"]),
+    (["--schedule.final-frac", "nan"], ["--schedule.final-frac=nan", "finite"]),
+    (["--clip", "inf"], ["--clip=inf", "finite"]),
+    (["--dropout", "nan"], ["--dropout=nan", "finite"]),
+    # What tyro itself rejects: its panel becomes one line.
+    (["--optim.name", "lamb"], ["'lamb'", "'adamw', 'adam', 'sgd'", "--optim.name"]),
+    (["--optim.lr", "fast"], ["--optim.lr", "'fast'"]),
+    (["--epochs", "x"], ["--epochs", "'x'"]),
+    (["--no-such-flag", "3"], ["Unrecognized options: --no-such-flag"]),
 ])
 def test_bad_value_raises_user_error(digits, args, expected):
     with pytest.raises(UserError) as e:
@@ -86,19 +109,14 @@ def test_bad_value_in_tiny_recipe(tiny):
         parse({"default": tiny.Config}, ["--optim.lr=-1"])
 
 
-@pytest.mark.parametrize("args, value", [
-    (["--optim.name", "lamb"], "lamb"),  # a Literal choice: tyro rejects it itself
-    (["--optim.lr", "fast"], "fast"),  # not a float
-])
-def test_unparseable_value_exits_2_naming_it(digits, capsys, args, value):
-    # tyro handles these before our checks run: it prints a boxed message and exits 2.
-    with pytest.raises(SystemExit) as e:
-        parse(digits.PRESETS, args)
-    assert e.value.code == 2
-    err = flat(capsys.readouterr().err)
-    assert value in err and "--optim." in err, err
-    if value == "lamb":
-        assert "adamw" in err and "sgd" in err, err  # says what is allowed
+@pytest.mark.parametrize("flag", ["--local_rank=1", "--local-rank=1", "--local_rank 1"])
+def test_launchers_local_rank_is_accepted(digits, flag, monkeypatch):
+    """``deepspeed`` passes ``--local_rank=N`` to every worker."""
+    monkeypatch.setenv("LOCAL_RANK", "")  # so that the test's own value is undone after it
+    monkeypatch.delenv("LOCAL_RANK")
+    cfg = parse(digits.PRESETS, [*flag.split(), "--epochs", "3"])
+    assert cfg.train.epochs == 3
+    assert os.environ["LOCAL_RANK"] == "1"
 
 
 # ---- overrides and presets -------------------------------------------------------------------
@@ -151,6 +169,15 @@ def test_bad_value_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert proc.returncode == 2, proc.stderr
     line = one_error_line(proc.stderr)
     assert "lr=-1" in line and "> 0" in line
+    assert not out.exists()
+
+
+def test_lr_mults_for_another_number_of_layer_groups_exits_2(tmp_path):
+    out = tmp_path / "run"
+    proc = launch(TINY, ["--optim.lr-mults", "1", "2", "--output-dir", str(out)], check=False)
+    assert proc.returncode == 2, proc.stderr
+    line = one_error_line(proc.stderr)
+    assert "--optim.lr-mults has 2 values (1.0, 2.0)" in line and "1 layer group" in line
     assert not out.exists()
 
 

@@ -42,6 +42,17 @@ def test_amsgrad_visibly_differs_on_this_problem(single):
     assert max(diffs) > 1e-4  # 100x the parity tolerance: a silent downgrade would show
 
 
+def test_deepspeed_launcher_runs_zero2_like_one_process(single, tmp_path):
+    """``deepspeed --num_gpus 2 recipe.py`` (it passes --local_rank=N) trains 2 ranks."""
+    proc = launch(TINY, ["--output-dir", str(tmp_path / "run"), "--dump", str(tmp_path / "dump"),
+                         "--strategy", "zero2", "--optim.amsgrad"], launcher="deepspeed")
+    assert "DEEPSPEED (zero2)" in proc.stdout and "on 2 process(es)" in proc.stdout
+    for d in dumps(tmp_path / "dump", 2):
+        assert d["world"] == 2
+        for k, v in single[True]["params"].items():
+            torch.testing.assert_close(d["params"][k], v, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name, amsgrad", CASES)
 def test_zero_matches_one_process_and_shards_states(name, amsgrad, single, tmp_path):
     run = tmp_path / "run"

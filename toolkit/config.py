@@ -10,8 +10,12 @@ runs; a bad one stops the run with a one-line message.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,7 +57,19 @@ class OptimConfig:
 
     def validate(self) -> None:
         optim_lib.check_hparams(name=self.name, lr=self.lr, betas=self.betas, eps=self.eps,
-                                weight_decay=self.wd, impl=self.impl, momentum=self.momentum)
+                                weight_decay=self.wd, impl=self.impl, momentum=self.momentum,
+                                nesterov=self.nesterov)
+        if self.lr_mults is not None and not (self.lr_mults and all(m > 0 for m in self.lr_mults)):
+            raise ValueError(f"--optim.lr-mults={self.lr_mults} must be one value > 0 per layer "
+                             "group")
+
+    def check_layer_groups(self, groups: int) -> None:
+        """``lr_mults`` must give one value per layer group of the model (``groups``)."""
+        if self.lr_mults is not None and len(self.lr_mults) != groups:
+            raise UserError(f"--optim.lr-mults has {len(self.lr_mults)} values "
+                            f"{self.lr_mults} and this model has {groups} layer group"
+                            f"{'s' if groups != 1 else ''}: give {groups} value"
+                            f"{'s' if groups != 1 else ''}, or none")
 
     def build(self, model: torch.nn.Module, layer_groups=None) -> torch.optim.Optimizer:
         groups = optim_lib.param_groups(model, self.wd, no_decay_bias_norm=self.no_decay_bias_norm,
@@ -154,12 +170,19 @@ Train = Annotated[TrainConfig, tyro.conf.OmitArgPrefixes]
 C = TypeVar("C")
 
 
-def validate(cfg) -> None:
-    """Run ``validate()`` of ``cfg`` and of every dataclass inside it."""
+def validate(cfg, prefix: str = "--") -> None:
+    """Check that every number in ``cfg`` is finite, then run the ``validate()`` of ``cfg``
+    and of every dataclass inside it (``prefix`` spells the flags in messages)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            validate(value)
+            # TrainConfig's fields are top-level flags (--epochs), the others --section.field.
+            validate(value, prefix if isinstance(value, TrainConfig) else f"{prefix}{f.name}.")
+            continue
+        numbers = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            flag = prefix + f.name.replace("_", "-")
+            raise ValueError(f"{flag}={value} is not a finite number")
     if hasattr(cfg, "validate"):
         cfg.validate()
 
@@ -186,12 +209,54 @@ def parse(presets: dict[str, Callable[[], C]], args: Sequence[str] | None = None
     base = presets[name]()
     description = (description or "") + (f"\n\nPresets: {', '.join(presets)} (--preset NAME; "
                                          f"this help shows {name!r}).")
-    cfg = tyro.cli(type(base), default=base, args=args, description=description)
+    args = _local_rank(args)
+    if "-h" in args or "--help" in args:
+        return tyro.cli(type(base), default=base, args=args, description=description)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
+            cfg = tyro.cli(type(base), default=base, args=args, description=description)
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        raise UserError(_tyro_message(captured.getvalue())) from None
     try:
         validate(cfg)
     except ValueError as e:
         raise UserError(str(e)) from None
     return cfg
+
+
+def _local_rank(args: list[str]) -> list[str]:
+    """Drop the ``--local_rank``/``--local-rank`` that ``deepspeed`` and old launchers pass
+    (into ``LOCAL_RANK``, where torchrun puts it)."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        name, eq, value = a.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            if not eq:
+                value, i = (args[i + 1] if i + 1 < len(args) else ""), i + 1
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def _tyro_message(text: str) -> str:
+    """tyro's error panel (title, rule, message, rule, hint) as its message on one line."""
+    sections, current = [], []
+    for line in text.splitlines():
+        line = line.strip().strip("│╭╮╰╯").strip()
+        if line and not line.strip("-─ "):
+            sections.append(current)
+            current = []
+        elif line:
+            current.append(line)
+    sections.append(current)
+    body = next((s for s in sections[1:] if s), None) or sections[0] or ["bad command line"]
+    return " ".join(" ".join(body).split()) + " (--help lists every option)"
 
 
 def to_dict(cfg) -> dict:

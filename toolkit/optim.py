@@ -16,6 +16,7 @@ held as tensors, so 1cycle changing them every step never recompiles.
 
 from __future__ import annotations
 
+import math
 import types
 from collections.abc import Iterable, Sequence
 from typing import Literal
@@ -112,7 +113,7 @@ def build_optimizer(
     Defaults are the post's: betas (0.95, 0.99) at the start of 1cycle, eps 1e-8.
     """
     check_hparams(name=name, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, impl=impl,
-                  momentum=momentum)
+                  momentum=momentum, nesterov=nesterov)
     groups = list(params)
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
@@ -124,12 +125,6 @@ def build_optimizer(
     kernel = {"fused": {"fused": True}, "foreach": {"foreach": True},
               "forloop": {"foreach": False}, "compiled": {"foreach": False}}[impl]
     if name == "sgd":
-        if impl == "compiled":
-            # SGD's momentum is a float that 1cycle changes every step: each step would
-            # recompile, and as a tensor torch 2.14 reuses a stale value (pytorch#197889).
-            raise ValueError("impl='compiled' is for adam and adamw; sgd uses 'fused'")
-        if nesterov and momentum == 0:
-            raise ValueError("nesterov=True needs momentum > 0")
         opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
                               weight_decay=weight_decay, **kernel)
     else:
@@ -150,20 +145,27 @@ def build_optimizer(
 
 
 def check_hparams(*, name: str, lr: float, betas: tuple[float, float], eps: float,
-                  weight_decay: float, impl: str = "auto", momentum: float = 0.9) -> None:
+                  weight_decay: float, impl: str = "auto", momentum: float = 0.9,
+                  nesterov: bool = False) -> None:
     """Raise a one-line ``ValueError`` naming the first bad value and what is allowed."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
     if impl not in IMPLS:
         raise ValueError(f"optimizer impl {impl!r} is unknown; choose one of {', '.join(IMPLS)}")
-    if not lr > 0:
-        raise ValueError(f"lr={lr} must be > 0")
+    if not 0 < lr < math.inf:
+        raise ValueError(f"lr={lr} must be > 0 and finite")
     for i, b in enumerate(betas):
         if not 0 <= b < 1:
             raise ValueError(f"betas[{i}]={b} must be in [0, 1)")
-    if not eps > 0:
-        raise ValueError(f"eps={eps} must be > 0")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay={weight_decay} must be >= 0")
+    if not 0 < eps < math.inf:
+        raise ValueError(f"eps={eps} must be > 0 and finite")
+    if not 0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay={weight_decay} must be >= 0 and finite")
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum={momentum} must be in [0, 1)")
+    if name == "sgd" and impl == "compiled":
+        # SGD's momentum is a float that 1cycle changes every step: each step would
+        # recompile, and as a tensor torch 2.14 reuses a stale value (pytorch#197889).
+        raise ValueError("impl='compiled' is for adam and adamw; sgd uses 'fused' (or auto)")
+    if name == "sgd" and nesterov and momentum == 0:
+        raise ValueError("nesterov=True needs momentum > 0 (momentum=0)")

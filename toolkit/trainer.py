@@ -61,6 +61,7 @@ class Trainer:
                  config: dict | None = None, layer_groups: list[nn.Module] | None = None):
         self.cfg, self.config = train, config
         self.out = Path(train.output_dir)
+        optim.check_layer_groups(len(layer_groups) if layer_groups else 1)
         if lifecycle.launched():
             lifecycle.exit_with_launcher()
         acc, self.strategy = make_accelerator(
