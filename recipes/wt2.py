@@ -2,12 +2,19 @@
 
 The post's runs (Gugger & Howard 2018, "AdamW and super-convergence"): ``paper-lstm`` (Adam
 with L2), ``paper-lstm-adamw`` (decoupled weight decay) and ``paper-qrnn``, 90 epochs of a
-4-phase cycle, for a GPU; not run here. ``cpu`` (the default) trains a small AWD-LSTM with an
-adaptive softmax on the real data on 2 CPU cores: measured 2026-11-26 on 2 idle AMD EPYC
-cores (torch 2.14.1, 2 threads), valid perplexity **146.1** (115.7 with the cache pointer;
-test 135.6 / 107.6) in 10.3 minutes from start to ``results.json`` (2 epochs, 9.2 minutes of
-training), where a plain 2-layer 256-unit LSTM reached 200.3 in 7.5 minutes. Under 2
-processes with ZeRO-2: see ``docs/benchmarks.md``.
+4-phase cycle, for a GPU; not run here. They are the post's code, sgugger/Adam-experiments
+``train_rnn.py`` on fastai 0.7: ``train_rnn.py 5e-3 --wd=1.2e-6 --alpha=3 --beta=1.5`` and
+``train_rnn.py 5e-3 --wd=1e-6 --qrnn=True`` (the QRNN's AR/TAR are ``train_lm``'s defaults,
+2 and 1), with fastai 0.7's batching (first batch bptt+25 rows, an epoch of
+``rows // bptt - 1`` = 297 batches), no ``seq_len/bptt`` lr scaling, and AR on the last
+layer's output before the output dropout (``seq2seq_reg`` reads ``RNN_Encoder``'s
+``outputs[-1]``; ``LinearDecoder`` drops its own copy).
+
+``cpu`` (the default) trains a small AWD-LSTM with an adaptive softmax on the real data on 2
+CPU cores: measured 2026-11-26 on 2 idle AMD EPYC cores (torch 2.14.1, 2 threads), valid
+perplexity **146.1** (115.7 with the cache pointer; test 135.6 / 107.6) in 10.3 minutes from
+start to ``results.json`` (2 epochs, 9.2 minutes of training), where a plain 2-layer 256-unit
+LSTM reached 200.3 in 7.5 minutes. Under 2 processes with ZeRO-2: see ``docs/benchmarks.md``.
 
     accelerate launch recipes/wt2.py --preset cpu --data-dir ../shared/data/wikitext-2
     accelerate launch --config_file launch/cpu-2proc.yaml recipes/wt2.py --preset cpu \\
@@ -16,6 +23,19 @@ processes with ZeRO-2: see ``docs/benchmarks.md``.
         --data-dir ../shared/data/wikitext-2
     accelerate launch --config_file launch/single-gpu.yaml recipes/wt2.py --preset paper-lstm
     python recipes/wt2.py --preset cpu --lr-find --data-dir ../shared/data/wikitext-2
+
+What still differs from the post's code:
+
+* The post's vocabulary has ``_pad_`` at id 0 (33,279 words, here 33,278).
+* The lengths are drawn from torch generators seeded by (seed, epoch), so that a resumed run
+  cuts the same batches; the post drew them from numpy's global stream.
+* The cosine anneal runs half a step ahead of fastai's ``TrainingPhase`` (whose last phase
+  starts at batch 24,503 where the boundary is 24,502.5): lr within 4e-5 x max lr.
+* Validation each epoch: ``eval_batch_size`` columns at bptt 70; the post's is a
+  ``LanguageModelLoader`` of batch size 100. Its final ``my_validate``/``my_cache_pointer``
+  score only the ``n // 2000`` full batches (216,000 of 217,645 valid targets); here all.
+* ``paper-lstm-adamw``: the post's repository gives no AdamW language-model command (its
+  code would be ``--wd_loss=False``: fastai's ``p -= lr * wd * p`` before the step, as here).
 
 Without ``--data-dir`` the data come from Hugging Face ``Salesforce/wikitext``.
 ``results.json`` holds ``valid_ppl`` (``eval_batch_size`` columns, bptt 70) and, at batch
@@ -34,12 +54,12 @@ import torch
 from toolkit.cli import run
 from toolkit.config import (OptimConfig, ScheduleConfig, Train, TrainConfig, parse, to_dict,
                             write_json)
-from toolkit.data.wikitext import load_wikitext2
+from toolkit.data.wikitext import Batching, load_wikitext2
 from toolkit.eval.cache_pointer import CachePointer, check_cache_pointer
 from toolkit.errors import UserError
 from toolkit.lm import LanguageModel, LMTrainer, evaluate_stream
 from toolkit.lr_finder import lr_find
-from toolkit.models.awd_lstm import AWDLSTM
+from toolkit.models.awd_lstm import AROn, AWDLSTM
 from toolkit.models.qrnn import AWDQRNN
 
 
@@ -65,13 +85,22 @@ class Config:
     """fastai's order: input, output, weight (DropConnect), embedding, hidden (between layers),
     i.e. the model's dropouti, dropout, wdrop, dropoute, dropouth."""
     alpha: float = 3.0
-    """AR: alpha * mean(dropped output^2)."""
+    """AR: alpha * mean(h^2) on the last layer's output h (see ar_on)."""
     beta: float = 1.5
-    """TAR: beta * mean((h_t - h_{t-1})^2)."""
+    """TAR: beta * mean((h_t - h_{t-1})^2) on the last layer's output before its dropout."""
+    ar_on: AROn = "raw"
+    """dropped: salesforce AWD-LSTM (AR after the output dropout); raw: fastai 0.7's
+    seq2seq_reg, the post's code (before it, 1 - dropout times the dropped AR on average)."""
     cutoffs: tuple[int, ...] | None = None
     """Adaptive softmax cutoffs, e.g. (2000, 10000); None = full softmax tied to the embedding."""
     bptt: int = 70
     """Mean BPTT length of a training batch (AWD's variable length)."""
+    batching: Batching = "fastai"
+    """Where an epoch starts and ends. fastai: fastai 0.7's LanguageModelLoader (the post's
+    code), first batch bptt+25 rows, rows // bptt - 1 batches (297 here); salesforce:
+    AWD-LSTM's main.py, every length drawn, to the end of the data (~309)."""
+    lr_scale_seq_len: bool = False
+    """salesforce AWD-LSTM: scale each batch's lr by seq_len/bptt (fastai 0.7 does not)."""
     eval_batch_size: int = 10
     """Validation columns (AWD: 10), split over processes."""
     cache: bool = True
@@ -93,17 +122,26 @@ class Config:
 
     def validate(self) -> None:
         check_cache_pointer(self.cache_theta, self.cache_lambda, self.cache_window)
-        if self.eval_tokens < 0:
-            raise ValueError(f"eval_tokens={self.eval_tokens} must be >= 0")
-        if self.threads < 0:
-            raise ValueError(f"threads={self.threads} must be >= 0")
+        for name in ("emb_size", "hidden_size", "num_layers", "bptt", "eval_batch_size",
+                     "cache_bptt"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+        for name in ("eval_tokens", "threads", "alpha", "beta"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
+        if not all(0 <= p < 1 for p in self.dropouts):
+            raise ValueError(f"--dropouts={self.dropouts} must each be in [0, 1)")
+        if self.cutoffs is not None and not (
+                self.cutoffs and all(a < b for a, b in zip((0, *self.cutoffs), self.cutoffs))):
+            raise ValueError(f"--cutoffs={self.cutoffs} must be increasing and > 0")
 
 
 def qrnn() -> Config:
     # AWD-QRNN: dropouts (0.4, 0.4, 0.1, 0.1, 0.2) are dropouti, dropout, wdrop (on the gate
-    # projection), dropoute, dropouth, salesforce's WikiText-2 QRNN command.
+    # projection), dropoute, dropouth, train_rnn.py's QRNN defaults. Its command passes no
+    # --alpha/--beta, so train_lm's defaults 2 and 1 applied.
     return dataclasses.replace(Config(), model="qrnn", hidden_size=1550, num_layers=4,
-                               dropouts=(0.4, 0.4, 0.1, 0.1, 0.2),
+                               dropouts=(0.4, 0.4, 0.1, 0.1, 0.2), alpha=2.0, beta=1.0,
                                optim=dataclasses.replace(Config().optim, wd=1e-6))
 
 
@@ -119,10 +157,12 @@ def cpu() -> Config:
     # than tokens per second. A 2-layer 256-unit AWD-LSTM with an adaptive softmax costs
     # ~1.7M multiply-adds per token where a full softmax alone would cost 8.5M; light dropouts.
     # Threads: torch's default (all cores) for one process; torchrun and accelerate launch
-    # set one per process when they start several.
+    # set one per process when they start several. Measured with salesforce's batching, lr
+    # scaling and AR after the output dropout, so it keeps them.
     return dataclasses.replace(
         Config(), emb_size=256, hidden_size=256, num_layers=2, cutoffs=(2000, 10000),
         dropouts=(0.1, 0.1, 0.1, 0.0, 0.1), alpha=2.0, beta=1.0, bptt=50, eval_batch_size=40,
+        batching="salesforce", lr_scale_seq_len=True, ar_on="dropped",
         train=TrainConfig(output_dir="runs/wt2-cpu", epochs=2, batch_size=64, clip=0.25,
                           log_every=20),
         optim=dataclasses.replace(Config().optim, lr=5e-3),
@@ -137,8 +177,15 @@ def build_model(cfg: Config, vocab_size: int) -> LanguageModel:
     net = AWDLSTM if cfg.model == "lstm" else AWDQRNN
     body = net(vocab_size, cfg.emb_size, cfg.hidden_size, cfg.num_layers, dropouti=dropouti,
                dropout=dropout, wdrop=wdrop, dropoute=dropoute, dropouth=dropouth,
-               alpha=cfg.alpha, beta=cfg.beta)
+               alpha=cfg.alpha, beta=cfg.beta, ar_on=cfg.ar_on)
     return LanguageModel(body, cfg.cutoffs)
+
+
+def build_trainer(cfg: Config, model: LanguageModel, train_ids: torch.Tensor,
+                  valid_ids: torch.Tensor | None) -> LMTrainer:
+    return LMTrainer(model, train_ids, valid_ids, bptt=cfg.bptt, batching=cfg.batching,
+                     lr_scale_seq_len=cfg.lr_scale_seq_len, eval_batch_size=cfg.eval_batch_size,
+                     train=cfg.train, optim=cfg.optim, schedule=cfg.schedule, config=to_dict(cfg))
 
 
 def main() -> None:
@@ -154,9 +201,7 @@ def main() -> None:
     except ValueError as e:
         raise UserError(str(e)) from None
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-    trainer = LMTrainer(model, corpus.train, valid, bptt=cfg.bptt,
-                        eval_batch_size=cfg.eval_batch_size, train=cfg.train, optim=cfg.optim,
-                        schedule=cfg.schedule, config=to_dict(cfg))
+    trainer = build_trainer(cfg, model, corpus.train, valid)
     trainer.print(f"{cfg.model} language model, {n_params / 1e6:.2f}M parameters, "
                   f"vocabulary {corpus.vocab_size}")
     if cfg.train.lr_find:

@@ -18,7 +18,7 @@ from types import ModuleType
 
 import pytest
 
-from conftest import DIGITS, TINY, launch
+from conftest import DIGITS, ROOT, TINY, launch
 from toolkit.checkpoint import list_checkpoints
 from toolkit.cli import run
 from toolkit.config import parse, to_dict
@@ -102,6 +102,22 @@ def test_bad_value_raises_user_error(digits, args, expected):
     assert "\n" not in message
     for part in expected:
         assert part in message, (part, message)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--dropouts", "0.1", "0.1", "1.2", "0", "0"], "--dropouts=(0.1, 0.1, 1.2, 0.0, 0.0)"),
+    (["--cutoffs", "100", "50"], "--cutoffs=(100, 50) must be increasing"),
+    (["--alpha", "-1"], "--alpha=-1.0 must be >= 0"),
+    (["--bptt", "0"], "--bptt=0 must be >= 1"),
+    (["--hidden-size", "0"], "--hidden-size=0 must be >= 1"),
+    (["--cache-theta", "inf"], "--cache-theta=inf is not a finite number"),
+    (["--batching", "keras"], "'keras'"),
+])
+def test_bad_value_in_wt2_recipe(args, expected):
+    wt2 = load_recipe(ROOT / "recipes" / "wt2.py")
+    with pytest.raises(UserError) as e:
+        parse(wt2.PRESETS, ["--preset", "cpu", *args])
+    assert expected in str(e.value) and "\n" not in str(e.value)
 
 
 def test_bad_value_in_tiny_recipe(tiny):

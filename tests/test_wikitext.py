@@ -290,6 +290,61 @@ def test_variable_lengths_equal_awd_loop():
     assert stops_two_short > 5  # AWD's edge (no 1-row last batch) was exercised
 
 
+def fastai_loop(rows: int, bptt: int, seed: int, epoch: int) -> list[int]:
+    """fastai 0.7's LanguageModelLoader.__iter__ and get_batch (old/fastai/text.py), read
+    literally, on the stream's draws (batch k uses draw k; the first batch draws nothing)."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    n = rows // 5 + 1
+    randoms = torch.rand(n, generator=gen, dtype=torch.float64).tolist()
+    normals = torch.randn(n, generator=gen, dtype=torch.float64).tolist()
+    lens, i, it = [], 0, 0
+    while i < rows - 1 and it < rows // bptt - 1:
+        k = len(lens)
+        if i == 0:
+            seq_len = bptt + 5 * 5
+        else:
+            base = bptt if randoms[k] < 0.95 else bptt / 2.
+            seq_len = max(5, int(base + 5 * normals[k]))
+        lens.append(min(seq_len, rows - 1 - i))  # get_batch's cap
+        i += seq_len
+        it += 1
+    return lens
+
+
+def test_fastai_lengths_equal_language_model_loader():
+    ran_out = stopped_at_len = one_row_last = 0
+    for rows in [*range(20, 400), 1000, 5000]:
+        for seed, epoch in [(0, 0), (7, 2)]:
+            stream = BPTTStream(torch.arange(rows * 2), 2, 10, seed=seed, batching="fastai")
+            lens = fastai_loop(rows, 10, seed, epoch)
+            assert stream.seq_lens(epoch) == lens, (rows, seed, epoch)
+            ran_out += sum(lens) == rows - 1
+            stopped_at_len += len(lens) == rows // 10 - 1 and sum(lens) < rows - 1
+            one_row_last += len(lens) > 1 and lens[-1] == 1  # `i < n - 1`, not AWD's `n - 2`
+    # Both ends of fastai's loop, and its edge, were exercised.
+    assert ran_out > 5 and stopped_at_len > 5 and one_row_last > 5
+
+
+def test_fastai_epoch_is_rows_over_bptt_minus_one_batches():
+    stream = BPTTStream(torch.arange(100 * 20_000), 100, 70, seed=3, batching="fastai")
+    salesforce = BPTTStream(torch.arange(100 * 20_000), 100, 70, seed=3)
+    for epoch in range(5):
+        lens = stream.seq_lens(epoch)
+        assert len(lens) == 20_000 // 70 - 1 == 284
+        assert lens[0] == 95  # bptt + 25, the longest batch first
+        assert sum(lens) < 20_000 - 600  # the rest of the epoch's rows are never seen
+        assert salesforce.num_batches(epoch) > 290  # AWD runs on to the end of the data
+    assert stream.total_batches(3) == 3 * 284
+
+
+def test_fastai_batching_needs_two_bptt_of_rows():
+    BPTTStream(torch.arange(2 * 140), 2, 70, batching="fastai")  # 140 rows: one batch
+    with pytest.raises(UserError, match="no fastai epoch of bptt 70"):
+        BPTTStream(torch.arange(2 * 139), 2, 70, batching="fastai")
+    with pytest.raises(UserError, match="batching='awd' is unknown"):
+        BPTTStream(torch.arange(1000), 2, 70, batching="awd")
+
+
 def test_lengths_are_a_function_of_seed_and_epoch():
     ids = torch.arange(50_000)
     a, b = BPTTStream(ids, 10, 70, seed=1), BPTTStream(ids, 10, 70, seed=1)
@@ -300,11 +355,13 @@ def test_lengths_are_a_function_of_seed_and_epoch():
     assert len(counts) > 1  # the number of batches per epoch varies with the draws
 
 
-def test_resume_from_batch_k_yields_the_remaining_batches():
-    stream = BPTTStream(torch.arange(30_000), 6, 70, seed=5)
+@pytest.mark.parametrize("batching", ["salesforce", "fastai"])
+def test_resume_from_batch_k_yields_the_remaining_batches(batching):
+    stream = BPTTStream(torch.arange(30_000), 6, 70, seed=5, batching=batching)
     full = list(stream.batches(2))
     for k in (0, 1, 17, len(full) - 1, len(full)):
-        fresh = BPTTStream(torch.arange(30_000), 6, 70, seed=5)  # a restarted process
+        # a restarted process
+        fresh = BPTTStream(torch.arange(30_000), 6, 70, seed=5, batching=batching)
         rest = list(fresh.batches(2, start_batch=k))
         assert len(rest) == len(full) - k
         for (x, y, n), (x2, y2, n2) in zip(full[k:], rest):

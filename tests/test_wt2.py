@@ -6,9 +6,13 @@ recipe runs as a real program (``python`` / ``torchrun``), as a user would start
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
 import os
+import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -29,6 +33,28 @@ TINY = ["--preset", "cpu", "--data-dir", str(DATA), "--emb-size", "16", "--hidde
         "--threads", "1"]
 NO_DROPOUT = ["--dropouts", "0", "0", "0", "0", "0"]
 RESULT_KEYS = {"valid_ppl", "valid_ppl_bs1", "test_ppl", "valid_cache_ppl", "test_cache_ppl"}
+
+
+@cache
+def recipe():
+    """recipes/wt2.py as a module (recipes are not a package): its presets and builders."""
+    spec = importlib.util.spec_from_file_location("wt2_recipe", WT2)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def in_process(monkeypatch) -> None:
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def tiny(cfg, tmp_path: Path, **train):
+    """The preset's training behaviour on a 2-layer 8-unit model without dropout."""
+    return dataclasses.replace(
+        cfg, emb_size=8, hidden_size=8, num_layers=2, cutoffs=None, dropouts=(0.0,) * 5,
+        train=dataclasses.replace(cfg.train, output_dir=str(tmp_path), progress=False, **train))
 
 
 def results(run: Path) -> dict:
@@ -110,30 +136,151 @@ def test_missing_data_dir_is_one_line(tmp_path):
         proc.stderr
 
 
-def test_lr_of_each_step_is_schedule_lr_times_seq_len_over_bptt(tmp_path, monkeypatch):
-    """Read inside the optimizer step (a pre-hook), against the schedule's pure function."""
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
-        monkeypatch.delenv(var, raising=False)
-    from toolkit.config import OptimConfig, ScheduleConfig, TrainConfig
-    from toolkit.lm import LanguageModel, LMTrainer
-    from toolkit.models.awd_lstm import AWDLSTM
+# sgugger/Adam-experiments (the post's code): README.md's commands
+#   python train_rnn.py 5e-3 --wd=1.2e-6 --alpha=3 --beta=1.5       (AWD-LSTM)
+#   python train_rnn.py 5e-3 --wd=1e-6 --qrnn=True                   (AWD-QRNN)
+# on train_rnn.py's train_lm defaults: moms (0.8, 0.7), beta2 0.99, wd_loss True (L2), bs 100,
+# bptt 70, div 10, nbs (7.5, 37.5, 37.5, 7.5), lin_end False (cosine to 0), clip 0.12,
+# alpha 2, beta 1, bias True; drops (0.6, 0.4, 0.5, 0.1, 0.2), QRNN (0.4, 0.4, 0.1, 0.1, 0.2);
+# em_sz 400, nh 1150 / 1550, nl 3 / 4; fastai 0.7's LanguageModelLoader and Stepper.step.
+POST = {
+    "paper-lstm": dict(model="lstm", hidden_size=1150, num_layers=3, wd=1.2e-6, alpha=3.0,
+                       beta=1.5, dropouts=(0.6, 0.4, 0.5, 0.1, 0.2)),
+    "paper-qrnn": dict(model="qrnn", hidden_size=1550, num_layers=4, wd=1e-6, alpha=2.0,
+                       beta=1.0, dropouts=(0.4, 0.4, 0.1, 0.1, 0.2)),
+}
 
+
+@pytest.mark.parametrize("preset", ["paper-lstm", "paper-lstm-adamw", "paper-qrnn"])
+def test_paper_presets_are_the_posts_commands(preset):
+    cfg = recipe().PRESETS[preset]()
+    post = POST.get(preset, POST["paper-lstm"])
+    assert (cfg.model, cfg.emb_size, cfg.hidden_size, cfg.num_layers, cfg.dropouts) == \
+        (post["model"], 400, post["hidden_size"], post["num_layers"], post["dropouts"])
+    assert (cfg.alpha, cfg.beta, cfg.ar_on) == (post["alpha"], post["beta"], "raw")
+    assert (cfg.bptt, cfg.batching, cfg.lr_scale_seq_len, cfg.cutoffs) == \
+        (70, "fastai", False, None)
+    t, o, sch = cfg.train, cfg.optim, cfg.schedule
+    assert (t.epochs, t.batch_size, t.clip, t.grad_accum) == (90, 100, 0.12, 1)
+    assert (o.lr, o.betas, o.eps, o.amsgrad, o.no_decay_bias_norm) == \
+        (5e-3, (0.8, 0.99), 1e-8, False, False)  # torch Adam's defaults otherwise; all decayed
+    if preset == "paper-lstm-adamw":
+        assert (o.name, o.wd) == ("adamw", 0.1)  # no such command in the post's repository
+    else:
+        assert (o.name, o.wd) == ("adam", post["wd"])
+    assert (sch.div, sch.phases, sch.moms, sch.lin_end, sch.final_frac) == \
+        (10, (7.5, 37.5, 37.5, 7.5), (0.8, 0.7), False, 0.0)
+
+
+@pytest.mark.parametrize("preset", ["paper-lstm", "paper-lstm-adamw", "paper-qrnn", "cpu"])
+def test_ar_of_the_built_model_is_fastai_seq2seq_reg_for_paper_presets(preset, tmp_path):
+    """fastai 0.7's seq2seq_reg: alpha * mean(outputs[-1]**2), RNN_Encoder's last output,
+    which LinearDecoder drops only for its own use; the cpu preset keeps salesforce's AR on
+    the dropped output, with which its perplexity was measured."""
+    wt2 = recipe()
+    cfg = dataclasses.replace(tiny(wt2.PRESETS[preset](), tmp_path),
+                              dropouts=(0.0, 0.5, 0.0, 0.0, 0.0))  # only the output dropout
+    assert cfg.ar_on == ("dropped" if preset == "cpu" else "raw")
+    torch.manual_seed(0)
+    model = wt2.build_model(cfg, 50).double()
+    tokens = torch.randint(0, 50, (9, 4))
+    _, raw, _, _ = model.eval()(tokens, tokens, model.init_hidden(4))
+    _, dropped, _, pen = model.train()(tokens, tokens, model.init_hidden(4))
+    reference = raw if preset != "cpu" else dropped
+    other = dropped if preset != "cpu" else raw
+    assert pen.ar.item() == pytest.approx(cfg.alpha * reference.pow(2).mean().item(), rel=1e-12)
+    assert pen.ar.item() != pytest.approx(cfg.alpha * other.pow(2).mean().item(), rel=1e-3)
+
+
+def fastai_cycle(nb: int, lr: float = 5e-3, div: float = 10, nbs=(7.5, 37.5, 37.5, 7.5)):
+    """(lr, beta1) of every batch of Adam-experiments' get_phases under fastai 0.7's fit,
+    OptimScheduler and DecayScheduler (old/fastai/sgdr.py, model.py), read literally."""
+    def value(kind, start, end, it, n):  # DecayScheduler.next_val after `it` calls
+        if kind == "no":
+            return start
+        if kind == "linear":
+            return start + it / n * (end - start)
+        return end + (start - end) / 2 * (math.cos(math.pi * it / n) + 1)  # cosine to 0
+
+    phases = [("linear", lr / div, lr, "linear", 0.8, 0.7), ("no", lr, None, "no", 0.7, None),
+              ("linear", lr, lr / div, "linear", 0.7, 0.8),
+              ("cosine", lr / div, 0, "no", 0.8, None)]
+    ends = [sum(nbs[:i + 1]) * nb for i in range(4)]  # cnt_phases
+    out, phase, it, batch_num = [], 0, 0, 0
+    while phase < 4:
+        kind, lr0, lr1, mkind, m0, m1 = phases[phase]
+        n = nbs[phase] * nb
+        out.append((value(kind, lr0, lr1, it, n), value(mkind, m0, m1, it, n)))
+        batch_num, it = batch_num + 1, it + 1  # on_batch_end: the phase's update()
+        if batch_num >= ends[phase]:
+            phase, it = phase + 1, 0  # on_phase_begin: the next phase's start values
+    return out
+
+
+def test_paper_cycle_is_fastai_training_phases():
+    """The 1cycle of the paper presets, step by step, against fastai 0.7's phases over
+    90 epochs of 297 batches; only the cosine anneal runs half a step ahead."""
+    cfg = recipe().Config()
+    reference = fastai_cycle(297)
+    assert len(reference) == 90 * 297
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    sched = cfg.schedule.build(opt, len(reference))
+    ours = torch.tensor([sched.values(step) for step in range(len(reference))],
+                        dtype=torch.float64)
+    lr_gap = (ours[:, 0] - torch.tensor(reference, dtype=torch.float64)[:, 0] / cfg.optim.lr).abs()
+    beta1_gap = (ours[:, 1] - torch.tensor(reference, dtype=torch.float64)[:, 1]).abs()
+    anneal = 24_503  # fastai's last phase starts on the batch after 24,502.5
+    assert beta1_gap.max() < 1e-12 and lr_gap[:anneal].max() < 1e-12
+    assert 1e-5 < lr_gap[anneal:].max() < 4e-5  # half a step of the cosine, in units of max lr
+
+
+def test_paper_lstm_epoch_on_the_real_data_is_fastai_297_steps(tmp_path, monkeypatch):
+    """fastai 0.7's LanguageModelLoader: rows // bptt - 1 = 20,886 // 70 - 1 = 297 batches
+    per epoch at batch size 100 (salesforce's loop: 308.7 on average), the first bptt + 25."""
+    in_process(monkeypatch)
+    from toolkit.data.wikitext import load_wikitext2
+
+    wt2 = recipe()
+    corpus = load_wikitext2(DATA, cache_dir=tmp_path / "cache")
+    cfg = tiny(wt2.PRESETS["paper-lstm"](), tmp_path / "run")
+    torch.manual_seed(0)
+    trainer = wt2.build_trainer(cfg, wt2.build_model(cfg, corpus.vocab_size), corpus.train,
+                                None)
+    try:
+        stream = trainer.stream
+        assert stream.rows == 20_886 and stream.rows // 70 - 1 == 297
+        assert [stream.num_batches(e) for e in range(90)] == [297] * 90
+        assert trainer.total_steps == 90 * 297
+        assert stream.seq_lens(0)[0] == 95
+        assert trainer.epoch_at(297) == 1.0 and trainer.epoch_at(297 * 45 + 99) == 45 + 99 / 297
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("preset", ["paper-lstm", "paper-qrnn", "cpu"])
+def test_lr_of_each_step_is_the_schedule_scaled_only_for_salesforce(preset, tmp_path,
+                                                                    monkeypatch):
+    """Read inside the optimizer step (a pre-hook), against the schedule's pure function:
+    the paper presets step at the schedule's lr (fastai 0.7's Stepper.step); the cpu preset
+    keeps salesforce's seq_len / bptt."""
+    in_process(monkeypatch)
+    wt2 = recipe()
+    cfg = dataclasses.replace(tiny(wt2.PRESETS[preset](), tmp_path, max_steps=6, batch_size=4),
+                              bptt=20)
+    scaled = preset == "cpu"
+    assert cfg.lr_scale_seq_len == scaled and cfg.batching == ("salesforce" if scaled
+                                                                 else "fastai")
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (4000,))
-    model = LanguageModel(AWDLSTM(50, 8, 8, 1, dropouti=0, dropout=0, wdrop=0, dropoute=0,
-                                  dropouth=0))
-    trainer = LMTrainer(
-        model, ids, None, bptt=20, train=TrainConfig(output_dir=str(tmp_path), max_steps=6,
-                                                     batch_size=4, progress=False),
-        optim=OptimConfig(name="adam", lr=1e-2), schedule=ScheduleConfig(div=10, pct=0.3))
+    trainer = wt2.build_trainer(cfg, wt2.build_model(cfg, 50), ids, None)
     seen = []
     trainer.scheduler.optimizer.register_step_pre_hook(
         lambda opt, args, kwargs: seen.append([g["lr"] for g in opt.param_groups]))
     trainer.fit()
     trainer.close()
     lens = trainer.stream.seq_lens(0)[:6]
-    assert len(set(lens)) > 1  # variable lengths, so the factor is really exercised
+    assert len(set(lens)) > 1  # variable lengths, so a factor would show
     base = trainer.scheduler.base_lrs
     for step, (lrs, seq_len) in enumerate(zip(seen, lens, strict=True)):
-        factor = trainer.scheduler.values(step)[0] * seq_len / 20
+        factor = trainer.scheduler.values(step)[0] * (seq_len / 20 if scaled else 1)
         assert lrs == pytest.approx([b * factor for b in base], rel=1e-12)

@@ -10,10 +10,13 @@ its own forward to gather its partitioned parameters).
 
 :class:`LMTrainer` trains it on a :class:`~toolkit.data.wikitext.BPTTStream`, AWD-LSTM's way:
 one batch of variable length is one optimizer step, the hidden state is carried from batch to
-batch (detached) and zeroed at the start of each epoch, and the lr of a batch is scaled by
-``seq_len / bptt``. The hidden state is part of each rank's checkpoint, so a run resumed
-mid-epoch equals the uninterrupted one bitwise. :func:`evaluate_stream` gives the perplexity of
-a stream at batch size 1 with and without the neural cache pointer.
+batch (detached) and zeroed at the start of each epoch. Two habits of salesforce's AWD-LSTM
+that fastai 0.7 (the post's code) does not share are options: the lr of a batch scaled by
+``seq_len / bptt`` (``lr_scale_seq_len``), and epochs that run to the end of the data rather
+than stop after ``rows // bptt - 1`` batches (``batching``). The hidden state is part of each
+rank's checkpoint, so a run resumed mid-epoch equals the uninterrupted one bitwise.
+:func:`evaluate_stream` gives the perplexity of a stream at batch size 1 with and without the
+neural cache pointer.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
-from toolkit.data.wikitext import BPTTStream
+from toolkit.data.wikitext import Batching, BPTTStream
 from toolkit.distributed import all_reduce_sum
 from toolkit.errors import UserError
 from toolkit.eval.cache_pointer import CachePointer
@@ -79,15 +82,24 @@ class LMTrainer(Trainer):
     ``batch_size // world`` columns of the ``batch_size``-column stream (AWD's ``batchify``),
     cut into AWD's variable lengths around ``bptt`` (70); validation cuts
     ``eval_batch_size`` (10) columns, also sharded, into fixed ``eval_bptt`` rows.
+
+    ``batching``: where an epoch starts and ends, ``"salesforce"`` (AWD-LSTM's ``main.py``:
+    to the end of the data) or ``"fastai"`` (fastai 0.7's ``LanguageModelLoader``: first
+    batch ``bptt + 25``, ``rows // bptt - 1`` batches); see
+    :class:`~toolkit.data.wikitext.BPTTStream`. ``lr_scale_seq_len``: salesforce AWD-LSTM
+    scales each batch's lr by ``seq_len / bptt``; fastai 0.7's ``Stepper.step`` does not.
+    The defaults are salesforce's; the post's runs used ``"fastai"`` and ``False``.
     """
 
     def __init__(self, model: LanguageModel, train_ids: Tensor, valid_ids: Tensor | None = None,
-                 *, bptt: int = 70, eval_batch_size: int = 10, eval_bptt: int = 70, **kwargs):
+                 *, bptt: int = 70, eval_batch_size: int = 10, eval_bptt: int = 70,
+                 batching: Batching = "salesforce", lr_scale_seq_len: bool = True, **kwargs):
         if kwargs["train"].grad_accum != 1:
             raise UserError(f"grad_accum={kwargs['train'].grad_accum}: a language model steps "
                             "once per BPTT batch (its hidden state runs on); use grad_accum 1")
         self.train_ids, self.valid_ids = train_ids, valid_ids
         self.bptt, self.eval_batch_size, self.eval_bptt = bptt, eval_batch_size, eval_bptt
+        self.batching, self.lr_scale_seq_len = batching, lr_scale_seq_len
         self.stream: BPTTStream | None = None
         self.hidden = None
         super().__init__(model, train_ids, valid_ids, **kwargs)
@@ -98,7 +110,7 @@ class LMTrainer(Trainer):
             acc, cfg = self.accelerator, self.cfg
             world, rank = acc.num_processes, acc.process_index
             self.stream = BPTTStream(self.train_ids, cfg.batch_size, self.bptt, world=world,
-                                     rank=rank, seed=cfg.seed)
+                                     rank=rank, seed=cfg.seed, batching=self.batching)
             self.valid_stream = None if self.valid_ids is None else BPTTStream(
                 self.valid_ids, self.eval_batch_size, self.eval_bptt, variable=False,
                 world=world, rank=rank)
@@ -144,11 +156,12 @@ class LMTrainer(Trainer):
         x, y, seq_len, first = batch
         if first or self.hidden is None:  # AWD zeroes the state at each epoch's start
             self.hidden = self.unwrapped().init_hidden(x.size(1))
-        # AWD's rescaling: a short batch gets a proportionally smaller step. The optimizer
-        # steps after this returns; the scheduler's next step() rewrites every group's lr.
-        factor = self.stream.lr_factor(seq_len)
-        for group in self.scheduler.optimizer.param_groups:
-            set_lr(group, float(group["lr"]) * factor)
+        if self.lr_scale_seq_len:
+            # AWD's rescaling: a short batch gets a proportionally smaller step. The optimizer
+            # steps after this returns; the scheduler's next step() rewrites every group's lr.
+            factor = self.stream.lr_factor(seq_len)
+            for group in self.scheduler.optimizer.param_groups:
+                set_lr(group, float(group["lr"]) * factor)
         logp, _, hidden, penalty = self.model(x, y, self.hidden)
         self.hidden = repackage_hidden(hidden)
         return -logp.mean() + penalty.ar + penalty.tar

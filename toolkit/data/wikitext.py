@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -306,32 +307,53 @@ def shard_columns(data: torch.Tensor, world: int, rank: int) -> torch.Tensor:
     return data[:, rank * per:(rank + 1) * per].contiguous()
 
 
+Batching = Literal["salesforce", "fastai"]
+BATCHINGS = ("salesforce", "fastai")
+
+
 class BPTTStream:
     """This rank's ``(inputs, targets, seq_len)`` batches of a token stream.
 
     ``variable=True`` (training) draws each batch's length as AWD-LSTM does: ``bptt`` with
     probability 0.95, else ``bptt / 2``, then ``max(5, int(normal(that, 5)))``, capped at
-    the rows left. The draws come from a generator seeded by ``(seed, epoch)`` alone, so
-    every rank cuts the same rows and an epoch's batches are a function of ``(seed, epoch)``:
-    resume from any batch with ``batches(epoch, start_batch)``. The number of batches
-    varies by epoch (``num_batches``); scale the lr of a batch by ``lr_factor(seq_len)``.
+    the rows left. Where an epoch starts and ends is ``batching``'s:
+
+    * ``"salesforce"`` (salesforce/awd-lstm-lm ``main.py``): every length is drawn and the
+      epoch runs to the end of the data (``while i < rows - 2``), ~309 batches on WikiText-2
+      at batch size 100 and bptt 70;
+    * ``"fastai"`` (fastai 0.7's ``LanguageModelLoader``, which the post ran): the first
+      batch is ``bptt + 25`` rows, and the epoch stops after ``rows // bptt - 1`` batches
+      (297 there) or at the end of the data (``while i < rows - 1``), whichever comes first;
+      there, the last ~740 of the 20,886 rows of an epoch are never trained on.
+
+    The draws come from a generator seeded by ``(seed, epoch)`` alone, so every rank cuts the
+    same rows and an epoch's batches are a function of ``(seed, epoch)``: resume from any
+    batch with ``batches(epoch, start_batch)``. The number of batches varies by epoch under
+    ``"salesforce"`` (``num_batches``); its loop scales the lr of a batch by
+    ``lr_factor(seq_len)``.
 
     ``variable=False`` (evaluation) cuts fixed ``bptt`` rows, as AWD's ``evaluate``
     (batch size 10 for valid, 1 for test there).
 
-    Paper values: bptt 70, batch size 80 (AWD-LSTM on WikiText-2).
+    Paper values: bptt 70, batch size 100, ``"fastai"`` (the post's train_rnn.py).
     """
 
     def __init__(self, ids: torch.Tensor, batch_size: int, bptt: int = 70, *,
-                 variable: bool = True, world: int = 1, rank: int = 0, seed: int = 0):
+                 variable: bool = True, world: int = 1, rank: int = 0, seed: int = 0,
+                 batching: Batching = "salesforce"):
         if bptt < 1:
             raise UserError(f"bptt={bptt} must be at least 1")
+        if batching not in BATCHINGS:
+            raise UserError(f"batching={batching!r} is unknown; choose one of {BATCHINGS}")
         self.data = shard_columns(batchify(ids, batch_size), world, rank)
         self.rows = self.data.size(0)
         if variable and self.rows < 3:
             raise UserError(f"a stream of {ids.numel()} tokens is too short for batch size "
                             f"{batch_size}; lower the batch size")
-        self.bptt, self.variable, self.seed = bptt, variable, seed
+        if variable and batching == "fastai" and self.rows // bptt < 2:
+            raise UserError(f"{self.rows} rows per column hold no fastai epoch of bptt {bptt} "
+                            f"(rows // bptt - 1 batches); lower the bptt or the batch size")
+        self.bptt, self.variable, self.seed, self.batching = bptt, variable, seed, batching
         self._lens: dict[int, list[int]] = {}
 
     def seq_lens(self, epoch: int = 0) -> list[int]:
@@ -339,7 +361,7 @@ class BPTTStream:
         if not self.variable:
             return [min(self.bptt, self.rows - 1 - i) for i in range(0, self.rows - 1, self.bptt)]
         if epoch not in self._lens:
-            # AWD's loop, `while i < len(train_data) - 2`, drawing per batch
+            # Both loops, drawing per batch
             #   bptt if random() < 0.95 else bptt / 2;  seq_len = max(5, int(normal(that, 5)))
             # vectorized: every batch has >= 5 rows, so rows // 5 + 1 draws are enough, and
             # only the last batch can meet the end of the data (it is capped there).
@@ -350,8 +372,16 @@ class BPTTStream:
             base[~full] /= 2
             drawn = base + 5 * torch.randn(n, generator=gen, dtype=torch.float64)
             drawn = drawn.long().clamp(min=5)  # the cast truncates toward zero, as int()
-            starts = drawn.cumsum(0) - drawn
-            lens = drawn[starts < self.rows - 2].tolist()
+            if self.batching == "fastai":
+                # LanguageModelLoader: `if self.i == 0: seq_len = self.bptt + 5 * 5` (the
+                # longest batch first, for CUDA's allocator); `while self.i < self.n - 1 and
+                # self.iter < len(self)` with `len = n // bptt - 1`.
+                drawn[0] = self.bptt + 25
+                starts = drawn.cumsum(0) - drawn
+                lens = drawn[starts < self.rows - 1][:self.rows // self.bptt - 1].tolist()
+            else:  # AWD's `while i < len(train_data) - 1 - 1`
+                starts = drawn.cumsum(0) - drawn
+                lens = drawn[starts < self.rows - 2].tolist()
             lens[-1] = min(lens[-1], self.rows - 1 - sum(lens[:-1]))
             self._lens = {epoch: lens}  # one epoch at a time is all a loop needs
         return self._lens[epoch]

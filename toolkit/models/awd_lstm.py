@@ -11,8 +11,10 @@ Five dropouts and two activation penalties, each a few lines here:
 * weight drop (DropConnect, ``wdrop``) on the hidden-to-hidden matrices: the raw matrix is a
   parameter and each forward builds the dropped one and hands it to the fused LSTM kernel
   (oneDNN on CPU, cuDNN on CUDA), so the recurrence never runs as a Python loop;
-* AR, ``alpha * mean(dropped_output**2)``, and TAR, ``beta * mean((h_t - h_{t-1})**2)`` on the
-  undropped output, returned by ``forward`` for the training step to add to its loss.
+* AR, ``alpha * mean(h**2)``, and TAR, ``beta * mean((h_t - h_{t-1})**2)``, on the last
+  layer's output, returned by ``forward`` for the training step to add to its loss. TAR reads
+  the undropped output; AR reads the dropped one as in salesforce's code, or (``ar_on="raw"``)
+  the undropped one as fastai 0.7's ``seq2seq_reg``, the post's code.
 
 The forward returns the last layer's hidden states rather than logits: a recipe chooses a
 full tied softmax (:meth:`AWDLanguageModel.logits`) or an adaptive one, and the neural cache
@@ -24,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,11 @@ from torch import Tensor, _VF, nn
 
 # Hidden state of one layer: (h, c) for an LSTM, (c, previous inputs) for a QRNN.
 LayerState = tuple[Tensor, Tensor]
+
+# Which last-layer output AR penalizes. dropped: salesforce AWD-LSTM's dropped_rnn_hs[-1],
+# after the output dropout; raw: fastai 0.7's seq2seq_reg, whose dropped_hs[-1] is
+# RNN_Encoder's outputs[-1], before LinearDecoder's output dropout.
+AROn = Literal["dropped", "raw"]
 
 
 def embedding_dropout(weight: Tensor, tokens: Tensor, p: float, training: bool = True) -> Tensor:
@@ -61,9 +68,12 @@ def locked_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     return x * mask
 
 
-def activation_reg(dropped_output: Tensor, alpha: float = 2.0) -> Tensor:
-    """AR: ``alpha * mean(h**2)`` on the last layer's output after its dropout (AWD: alpha=2)."""
-    return alpha * dropped_output.pow(2).mean()
+def activation_reg(output: Tensor, alpha: float = 2.0) -> Tensor:
+    """AR: ``alpha * mean(h**2)`` on the last layer's output (AWD: alpha=2).
+
+    Salesforce's AWD-LSTM passes the output after its dropout, fastai 0.7 the one before.
+    """
+    return alpha * output.pow(2).mean()
 
 
 def temporal_activation_reg(raw_output: Tensor, beta: float = 1.0) -> Tensor:
@@ -79,7 +89,7 @@ class ActivationPenalty(NamedTuple):
     """What :meth:`AWDLanguageModel.forward` returns beside the output, for the loss."""
 
     ar: Tensor
-    """``alpha * mean(dropped_output**2)``."""
+    """``alpha * mean(output**2)``, on the dropped or the raw output (``ar_on``)."""
     tar: Tensor
     """``beta * mean((raw_t - raw_{t-1})**2)``."""
 
@@ -148,6 +158,11 @@ class AWDLanguageModel(nn.Module):
     ``init_state(batch_size)``, ``input_size`` and ``hidden_size`` (:class:`WeightDropLSTM`,
     :class:`toolkit.models.qrnn.QRNNLayer`). :class:`AWDLSTM` and
     :class:`toolkit.models.qrnn.AWDQRNN` build them; the recipe swaps one for the other.
+
+    ``ar_on`` picks the output AR penalizes: ``"dropped"`` (salesforce AWD-LSTM, after the
+    output dropout) or ``"raw"`` (fastai 0.7's ``seq2seq_reg``, before it: in expectation
+    ``1 - dropout`` times the dropped one, since the dropout scales kept units by
+    ``1/(1-dropout)``).
     """
 
     def __init__(
@@ -163,8 +178,11 @@ class AWDLanguageModel(nn.Module):
         tie_weights: bool = True,
         alpha: float = 2.0,
         beta: float = 1.0,
+        ar_on: AROn = "dropped",
     ) -> None:
         super().__init__()
+        if ar_on not in get_args(AROn):
+            raise ValueError(f"ar_on={ar_on!r} must be one of {get_args(AROn)}")
         for name, p in [("dropouti", dropouti), ("dropouth", dropouth), ("dropout", dropout),
                         ("dropoute", dropoute)]:
             if not 0 <= p < 1:
@@ -178,7 +196,7 @@ class AWDLanguageModel(nn.Module):
                              f"to equal emb_size ({emb_size})")
         self.dropouti, self.dropouth, self.dropout, self.dropoute = (
             dropouti, dropouth, dropout, dropoute)
-        self.alpha, self.beta = alpha, beta
+        self.alpha, self.beta, self.ar_on = alpha, beta, ar_on
         self.encoder = nn.Embedding(vocab_size, emb_size)
         self.layers = nn.ModuleList(layers)
         self.decoder = nn.Linear(out_size, vocab_size)
@@ -212,8 +230,9 @@ class AWDLanguageModel(nn.Module):
             if i < len(self.layers) - 1:
                 x = locked_dropout(x, self.dropouth, self.training)
         output = locked_dropout(x, self.dropout, self.training)
-        penalty = ActivationPenalty(activation_reg(output, self.alpha),
-                                    temporal_activation_reg(x, self.beta))
+        penalty = ActivationPenalty(
+            activation_reg(output if self.ar_on == "dropped" else x, self.alpha),
+            temporal_activation_reg(x, self.beta))
         return output, new_hidden, penalty
 
     def logits(self, output: Tensor) -> Tensor:
@@ -226,7 +245,8 @@ class AWDLSTM(AWDLanguageModel):
 
     Dropouts are the post's (fastai order input, output, weight, embedding, hidden):
     ``dropouti=0.6, dropout=0.4, wdrop=0.5, dropoute=0.1, dropouth=0.2``; salesforce's
-    WikiText-2 command differs only by ``dropouti=0.65``. ``alpha=2, beta=1``. With vocab
+    WikiText-2 command differs only by ``dropouti=0.65``. ``alpha=2, beta=1``; AR on the
+    dropped output (``ar_on``, :class:`AWDLanguageModel`), as salesforce's. With vocab
     33,278 (WikiText-2) it has 33.6M parameters, 24.2M with PTB's 10,000 (paper: 33M, 24M).
     """
 
@@ -245,10 +265,11 @@ class AWDLSTM(AWDLanguageModel):
         tie_weights: bool = True,
         alpha: float = 2.0,
         beta: float = 1.0,
+        ar_on: AROn = "dropped",
     ) -> None:
         sizes = [emb_size] + [hidden_size] * (num_layers - 1) + [
             emb_size if tie_weights else hidden_size]
         layers = [WeightDropLSTM(sizes[i], sizes[i + 1], wdrop) for i in range(num_layers)]
         super().__init__(vocab_size, layers, emb_size, dropouti=dropouti, dropouth=dropouth,
                          dropout=dropout, dropoute=dropoute, tie_weights=tie_weights,
-                         alpha=alpha, beta=beta)
+                         alpha=alpha, beta=beta, ar_on=ar_on)

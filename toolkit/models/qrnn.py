@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from toolkit.models.awd_lstm import AWDLanguageModel, LayerState
+from toolkit.models.awd_lstm import AROn, AWDLanguageModel, LayerState
 
 try:
     import triton
@@ -250,8 +250,9 @@ class AWDQRNN(AWDLanguageModel):
 
     Dropouts (fastai order input, output, weight, embedding, hidden): ``dropouti=0.4,
     dropout=0.4, wdrop=0.1, dropoute=0.1, dropouth=0.2``, salesforce's WikiText-2 QRNN
-    command. Window 2 on the first layer, 1 above. ``alpha=2, beta=1``. With vocab 33,278 it
-    has 33.4M parameters (24.0M with PTB's 10,000).
+    command. Window 2 on the first layer, 1 above. ``alpha=2, beta=1``, AR on the dropped
+    output (``ar_on``, see :class:`~toolkit.models.awd_lstm.AWDLanguageModel`). With vocab
+    33,278 it has 33.4M parameters (24.0M with PTB's 10,000).
     """
 
     def __init__(
@@ -270,6 +271,7 @@ class AWDQRNN(AWDLanguageModel):
         tie_weights: bool = True,
         alpha: float = 2.0,
         beta: float = 1.0,
+        ar_on: AROn = "dropped",
     ) -> None:
         sizes = [emb_size] + [hidden_size] * (num_layers - 1) + [
             emb_size if tie_weights else hidden_size]
@@ -277,4 +279,4 @@ class AWDQRNN(AWDLanguageModel):
                   for i in range(num_layers)]
         super().__init__(vocab_size, layers, emb_size, dropouti=dropouti, dropouth=dropouth,
                          dropout=dropout, dropoute=dropoute, tie_weights=tie_weights,
-                         alpha=alpha, beta=beta)
+                         alpha=alpha, beta=beta, ar_on=ar_on)
