@@ -21,22 +21,20 @@ import argparse
 import dataclasses
 import datetime
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
+from recipes import wt2  # its presets and model builder
+from report import device_name, emit
+from toolkit.data.wikitext import BPTTStream, load_wikitext2
+from toolkit.lm import LMTrainer
+from toolkit.models.awd_lstm import repackage_hidden
+from toolkit.schedule import set_lr
 
-import wt2  # noqa: E402  (the recipe: its presets and model builder)
-from report import device_name, emit  # noqa: E402
-from toolkit.data.wikitext import BPTTStream, load_wikitext2  # noqa: E402
-from toolkit.lm import LMTrainer  # noqa: E402
-from toolkit.models.awd_lstm import repackage_hidden  # noqa: E402
-from toolkit.schedule import set_lr  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def plain(cfg: wt2.Config, ids: torch.Tensor, vocab: int, steps: int) -> list[float]:

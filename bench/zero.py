@@ -44,9 +44,9 @@ import torch
 from torch import nn
 
 from report import device_name, emit
+from toolkit.strategy import CONCRETE as STRATEGIES  # every strategy a run can have
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload")
 D_IN, WIDTH, HIDDEN, BLOCKS, CLASSES = 512, 512, 2048, 4, 10
 
 
@@ -75,10 +75,10 @@ def rss_bytes() -> int:
 # ---- worker: one (strategy, optimizer) on this rank -----------------------------------------
 def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
-    from torch.utils.data import TensorDataset
 
     from toolkit import strategy
     from toolkit.config import OptimConfig, ScheduleConfig, TrainConfig
+    from toolkit.data.source import DeviceTensors
     from toolkit.trainer import Trainer
 
     rss_before = rss_bytes()
@@ -87,14 +87,14 @@ def worker(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(1)
     n = args.batch * (args.warmup + args.steps)
-    data = TensorDataset(torch.randn(n, D_IN, generator=g),
+    data = DeviceTensors(torch.randn(n, D_IN, generator=g),
                          torch.randint(0, CLASSES, (n,), generator=g))
     train = TrainConfig(output_dir=args.output_dir, max_steps=args.warmup + args.steps,
                         batch_size=args.batch, strategy=args.strategy, progress=False)
     trainer = Trainer(model, data, None, train=train,
                       optim=OptimConfig(lr=1e-3, amsgrad=args.amsgrad), schedule=ScheduleConfig())
     trainer.model.train()
-    it = trainer.train_batches()
+    it = trainer.train_data.batches(trainer.step)
     for _ in range(args.warmup):
         trainer.optimizer_step(it)
     times = []

@@ -11,6 +11,7 @@ a lent H200, 99.2% in 10 s with ``--optim.impl compiled --precision bf16``.
     torchrun --nproc_per_node 2 recipes/digits.py
     python recipes/digits.py --lr-find               # LR range test, writes lr_find.png
     python recipes/digits.py --preset adam-l2 --optim.amsgrad
+    python recipes/digits.py --freeze-epochs 3 --optim.lr 3e-3 --optim.lr-mults 0.111 0.333 1
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
-from toolkit.cli import run
-from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, parse, to_dict
+from toolkit import recipe
+from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
+from toolkit.data.source import DeviceTensors
 from toolkit.errors import UserError
-from toolkit.lr_finder import lr_find
-from toolkit.trainer import Trainer
+from toolkit.recipe import Run
+from toolkit.trainer import Stage, Trainer
 
 
 @dataclass
@@ -45,7 +46,18 @@ class Config:
     """Folder with digits.csv.gz (scikit-learn's format: 64 pixels and a label per row);
     default: the copy scikit-learn ships."""
 
+    freeze_epochs: int = 0
+    """First train only the head (the last layer group) for this many epochs at freeze_lr,
+    then every layer for train.epochs at optim.lr (times optim.lr_mults over the three layer
+    groups): two 1cycles, each with a fresh optimizer, as the post fine-tuned Stanford Cars."""
+    freeze_lr: float = 1e-2
+    """Max lr of the head-only stage."""
+
     def validate(self) -> None:
+        if self.freeze_epochs < 0:
+            raise ValueError(f"--freeze-epochs={self.freeze_epochs} must be >= 0")
+        if not self.freeze_lr > 0:
+            raise ValueError(f"--freeze-lr={self.freeze_lr} must be > 0")
         if self.width < 1:
             raise ValueError(f"--width={self.width} must be >= 1")
         if not 0 <= self.dropout < 1:
@@ -60,7 +72,7 @@ PRESETS = {
 }
 
 
-def load_digits(data_dir: str | None) -> tuple[TensorDataset, TensorDataset]:
+def load_digits(data_dir: str | None, seed: int = 0) -> tuple[DeviceTensors, DeviceTensors]:
     """Stratified 80/20 split (seed 0): 1,437 training and 360 test images, scaled to [0, 1]."""
     from sklearn.datasets import load_digits as sk_load
     from sklearn.model_selection import train_test_split
@@ -75,9 +87,11 @@ def load_digits(data_dir: str | None) -> tuple[TensorDataset, TensorDataset]:
         table = np.loadtxt(path, delimiter=",")
         x, y = table[:, :-1], table[:, -1]
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
-    as_set = lambda a, b: TensorDataset(torch.tensor(a, dtype=torch.float32).view(-1, 1, 8, 8) / 16,
-                                        torch.tensor(b, dtype=torch.long))
-    return as_set(xtr, ytr), as_set(xte, yte)
+    def as_set(a, b, **kw) -> DeviceTensors:
+        return DeviceTensors(torch.tensor(a, dtype=torch.float32).view(-1, 1, 8, 8) / 16,
+                             torch.tensor(b, dtype=torch.long), **kw)
+
+    return as_set(xtr, ytr, seed=seed), as_set(xte, yte, shuffle=False)
 
 
 def convnet(width: int, dropout: float) -> nn.Sequential:
@@ -91,24 +105,19 @@ def convnet(width: int, dropout: float) -> nn.Sequential:
         nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * w, 10))
 
 
-def main() -> None:
-    cfg = parse(PRESETS, description=__doc__.splitlines()[0])
-    train_set, test_set = load_digits(cfg.data_dir)
-    torch.manual_seed(cfg.train.seed)
+def build(cfg: Config) -> Run:
+    train_set, test_set = load_digits(cfg.data_dir, cfg.train.seed)
     model = convnet(cfg.width, cfg.dropout)
-    trainer = Trainer(model, train_set, test_set, train=cfg.train, optim=cfg.optim,
-                      schedule=cfg.schedule, config=to_dict(cfg))
-    if cfg.train.lr_find:
-        result = lr_find(trainer)
-        trainer.print(f"lr_find suggestions: {result['suggestions']} "
-                      f"(plot: {cfg.train.output_dir}/lr_find.png)")
-    else:
-        results = trainer.fit()
-        if "valid_accuracy" in results:
-            trainer.print(f"test accuracy {results['valid_accuracy']:.4f} after "
-                          f"{results['step']} steps ({results['wall_time_s']} s)")
-    trainer.close()
+    groups = [model[:5], model[5:8], model[8:]]  # two conv blocks, the last conv, the head
+    stages = [Stage(cfg.train.epochs, cfg.optim, cfg.schedule)]
+    if cfg.freeze_epochs:
+        head = dataclasses.replace(cfg.optim, lr=cfg.freeze_lr, lr_mults=None)
+        stages.insert(0, Stage(cfg.freeze_epochs, head, cfg.schedule, train_groups=(2,)))
+    trainer = Trainer(model, train_set, test_set, train=cfg.train, stages=stages,
+                      layer_groups=groups, recipe_config=to_dict(cfg))
+    return Run(trainer, summary=lambda r: f"test accuracy {r['valid_accuracy']:.4f} after "
+                                          f"{r['step']} steps ({r['wall_time_s']} s)")
 
 
 if __name__ == "__main__":
-    run(main)
+    recipe.main(PRESETS, build, __doc__)

@@ -51,14 +51,13 @@ from typing import Literal
 
 import torch
 
-from toolkit.cli import run
-from toolkit.config import (OptimConfig, ScheduleConfig, Train, TrainConfig, parse, to_dict,
-                            write_json)
+from toolkit import recipe
+from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
 from toolkit.data.wikitext import Batching, load_wikitext2
 from toolkit.eval.cache_pointer import CachePointer, check_cache_pointer
 from toolkit.errors import UserError
-from toolkit.lm import LanguageModel, LMTrainer, evaluate_stream
-from toolkit.lr_finder import lr_find
+from toolkit.lm import LanguageModel, LMTrainer
+from toolkit.recipe import Run
 from toolkit.models.awd_lstm import AROn, AWDLSTM
 from toolkit.models.qrnn import AWDQRNN
 
@@ -185,17 +184,16 @@ def build_trainer(cfg: Config, model: LanguageModel, train_ids: torch.Tensor,
                   valid_ids: torch.Tensor | None) -> LMTrainer:
     return LMTrainer(model, train_ids, valid_ids, bptt=cfg.bptt, batching=cfg.batching,
                      lr_scale_seq_len=cfg.lr_scale_seq_len, eval_batch_size=cfg.eval_batch_size,
-                     train=cfg.train, optim=cfg.optim, schedule=cfg.schedule, config=to_dict(cfg))
+                     train=cfg.train, optim=cfg.optim, schedule=cfg.schedule,
+                     recipe_config=to_dict(cfg))
 
 
-def main() -> None:
-    cfg = parse(PRESETS, description=__doc__.splitlines()[0])
+def build(cfg: Config) -> Run:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     corpus = load_wikitext2(cfg.data_dir)  # a missing folder is a one-line UserError
     n = cfg.eval_tokens or None
     valid, test = corpus.valid[:n], corpus.test[:n]
-    torch.manual_seed(cfg.train.seed)
     try:
         model = build_model(cfg, corpus.vocab_size)
     except ValueError as e:
@@ -204,29 +202,22 @@ def main() -> None:
     trainer = build_trainer(cfg, model, corpus.train, valid)
     trainer.print(f"{cfg.model} language model, {n_params / 1e6:.2f}M parameters, "
                   f"vocabulary {corpus.vocab_size}")
-    if cfg.train.lr_find:
-        result = lr_find(trainer)
-        trainer.print(f"lr_find suggestions: {result['suggestions']} "
-                      f"(plot: {cfg.train.output_dir}/lr_find.png)")
-        trainer.close()
-        return
-    results = trainer.fit()
-    if cfg.cache and not results.get("stopped"):
-        # Batch size 1 on every rank, the same numbers everywhere (see evaluate_stream).
+
+    def cache_pointer() -> dict:
+        # Batch size 1 on every rank, the same numbers everywhere (see LMTrainer.score_stream).
         pointer = CachePointer(cfg.cache_theta, cfg.cache_lambda, cfg.cache_window)
-        started = time.time()
+        started, results = time.time(), {}
         for split, ids in (("valid", valid), ("test", test)):
-            scores = evaluate_stream(trainer, ids, cfg.cache_bptt, cache=pointer)
+            scores = trainer.score_stream(ids, cfg.cache_bptt, cache=pointer)
             results["test_ppl" if split == "test" else "valid_ppl_bs1"] = scores["ppl"]
             results[f"{split}_cache_ppl"] = scores["cache_ppl"]
         results["cache_eval_wall_time_s"] = round(time.time() - started, 2)
-        if trainer.is_main:
-            write_json(trainer.out / "results.json", results)
-    if "valid_ppl" in results:
-        trainer.print("final: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()
-                                            if "ppl" in k))
-    trainer.close()
+        return results
+
+    return Run(trainer, final_evaluation=cache_pointer if cfg.cache else None,
+               summary=lambda r: "final: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()
+                                                       if "ppl" in k))
 
 
 if __name__ == "__main__":
-    run(main)
+    recipe.main(PRESETS, build, __doc__)

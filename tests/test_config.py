@@ -8,40 +8,30 @@ Parsing is tested in-process on the recipes' own config classes; the exit paths
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from conftest import DIGITS, ROOT, TINY, launch
+from conftest import TINY, launch
 from toolkit.checkpoint import list_checkpoints
-from toolkit.cli import run
+from toolkit import recipe
 from toolkit.config import parse, to_dict
 from toolkit.errors import UserError
 
 
-def load_recipe(path: Path) -> ModuleType:
-    """Import a recipe file (``recipes/`` is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # @dataclass looks its module up while building the class
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def digits() -> ModuleType:
-    return load_recipe(DIGITS)
+    from recipes import digits
+    return digits
 
 
 @pytest.fixture(scope="module")
 def tiny() -> ModuleType:
-    return load_recipe(TINY)
+    import tiny  # tests/ is on the path of the tests
+    return tiny
 
 
 def one_error_line(stderr: str) -> str:
@@ -114,7 +104,7 @@ def test_bad_value_raises_user_error(digits, args, expected):
     (["--batching", "keras"], "'keras'"),
 ])
 def test_bad_value_in_wt2_recipe(args, expected):
-    wt2 = load_recipe(ROOT / "recipes" / "wt2.py")
+    from recipes import wt2
     with pytest.raises(UserError) as e:
         parse(wt2.PRESETS, ["--preset", "cpu", *args])
     assert expected in str(e.value) and "\n" not in str(e.value)
@@ -164,9 +154,8 @@ def test_preset_then_flags(digits):
 
 def test_help_lists_flags_with_defaults(digits, capsys, monkeypatch):
     # What `python recipes/digits.py --help` does, without paying for a second interpreter.
-    monkeypatch.setattr(sys, "argv", [str(DIGITS), "--help"])
     with pytest.raises(SystemExit) as e:
-        run(digits.main)
+        recipe.main(digits.PRESETS, digits.build, digits.__doc__, ["--help"])
     assert e.value.code in (0, None)
     out = flat(capsys.readouterr().out)
     assert "--preset NAME" in out and "adam-l2" in out

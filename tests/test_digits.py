@@ -1,11 +1,16 @@
-"""The main job, as the README runs it: digits to >= 96% test accuracy on CPU, and the
-same recipe under ``accelerate launch`` with the 2-process CPU config."""
+"""The main job, as the README runs it: digits to >= 96% test accuracy on CPU, the same
+recipe under ``accelerate launch`` with the 2-process CPU config, and the entry's three exit
+codes from a real process (finished 0, bad input 2, stopped by a signal 75)."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 
-from conftest import DIGITS, launch
+from conftest import DIGITS, ROOT, command, env, launch
+from toolkit import recipe
 
 
 def test_digits_reaches_96_percent(tmp_path):
@@ -22,3 +27,24 @@ def test_digits_under_accelerate_launch_with_two_processes(tmp_path):
                            "--optim.amsgrad", "--no-progress"], launcher="accelerate")
     assert "on 2 process(es), MULTI_CPU" in proc.stdout
     assert "test accuracy" in proc.stdout
+
+
+def test_exit_codes_finished_bad_input_stopped(tmp_path):
+    done = launch(DIGITS, ["--output-dir", str(tmp_path / "a"), "--max-steps", "3"])
+    assert done.returncode == recipe.FINISHED == 0
+    bad = launch(DIGITS, ["--output-dir", str(tmp_path / "b"), "--width", "0"], check=False)
+    assert bad.returncode == recipe.BAD_INPUT == 2 and not (tmp_path / "b").exists()
+    run = tmp_path / "c"
+    proc = subprocess.Popen(command(DIGITS, ["--output-dir", str(run), "--epochs", "200",
+                                             "--checkpoint-every", "5", "--no-progress"]),
+                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step_5" / "COMMITTED").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == recipe.STOPPED == 75, err
+    assert "received SIGTERM" in out and "--resume auto" in out
+    assert not (run / "results.json").exists()  # written once, by a finished run

@@ -15,7 +15,8 @@ from toolkit import strategy
 from toolkit.cli import main
 from toolkit.config import OptimConfig
 from toolkit.errors import UserError
-from toolkit.memory import CATEGORIES, STRATEGIES, estimate, parse_count
+from toolkit.memory import CATEGORIES, estimate, parse_count
+from toolkit.strategy import CONCRETE
 
 ZERO = ("zero1", "zero2", "zero3", "zero2-offload", "zero3-offload")
 
@@ -58,8 +59,8 @@ def test_hand_computed_other_cases():
     assert estimate(1000, "zero1", 2)["device.master_params"] == 2000
     # An uneven split: the partition is rounded up (DeepSpeed pads).
     assert estimate(10, "zero3", 4)["device.exp_avg"] == 4 * 3
-    # single is one process whatever world says.
-    assert estimate(10**6, "single", 8) == estimate(10**6, "single", 1)
+    # DDP: each process holds as much as one process alone, whatever world says.
+    assert estimate(10**6, "ddp", 8) == estimate(10**6, "ddp", 1)
 
 
 @pytest.mark.parametrize("name, gb", [("ddp", 120), ("zero1", 31.4), ("zero2", 16.6),
@@ -74,10 +75,10 @@ def test_zero_paper_figure_1(name, gb):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("optimizer, amsgrad", [("adamw", False), ("adamw", True), ("sgd", False)])
 def test_each_stage_shards_more(world, precision, optimizer, amsgrad):
-    est = {s: estimate(7_340_032, s, world, precision, optimizer, amsgrad) for s in STRATEGIES}
+    est = {s: estimate(7_340_032, s, world, precision, optimizer, amsgrad) for s in CONCRETE}
     dev = {s: e["device.total"] for s, e in est.items()}
     # SGD in fp32 over 2 ranks: zero1 (4+4+2+2 bytes/param) ties with DDP (4+4+4).
-    assert dev["zero3"] < dev["zero2"] < dev["zero1"] <= dev["ddp"] == dev["single"]
+    assert dev["zero3"] < dev["zero2"] < dev["zero1"] <= dev["ddp"]
     assert dev["zero3-offload"] < dev["zero2-offload"] < dev["zero2"]
     # Offload moves the states, bytes unchanged, onto the CPU, with an fp32 master and
     # gradient partition (a master even in fp32, which zero3 on the device does without).
@@ -88,14 +89,14 @@ def test_each_stage_shards_more(world, precision, optimizer, amsgrad):
             assert off[f"device.{c}"] == 0 and off[f"cpu.{c}"] == on[f"device.{c}"]
         assert off["cpu.master_params"] == off["cpu.grads"] == 4 * part
         assert off["device.master_params"] == off["device.grads"] == 0
-    assert all(est[s]["cpu.total"] == 0 for s in ("single", "ddp", "zero1", "zero2", "zero3"))
+    assert all(est[s]["cpu.total"] == 0 for s in ("ddp", "zero1", "zero2", "zero3"))
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", CONCRETE)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_amsgrad_adds_4_bytes_per_param_of_state(name, precision):
     n, world = 1_000_001, 4
-    held = (1 if name in ("single", "ddp") else world)
+    held = (1 if name == "ddp" else world)
     adamw = estimate(n, name, world, precision, "adamw")
     ams = estimate(n, name, world, precision, "adamw", amsgrad=True)
     extra = {k: ams[k] - adamw[k] for k in ams if ams[k] != adamw[k]}
@@ -108,6 +109,9 @@ def test_amsgrad_adds_4_bytes_per_param_of_state(name, precision):
 
 @pytest.mark.parametrize("kwargs", [{"n_params": -5}, {"n_params": 0}, {"n_params": 1.5},
                                     {"strategy": "zero4"}, {"strategy": "fsdp"}, {"world": 0},
+                                    # Not strategies a run has: "auto" resolves to one of them,
+                                    # and one process is "ddp" at world 1.
+                                    {"strategy": "auto"}, {"strategy": "single"},
                                     {"precision": "fp8"}, {"optimizer": "lamb"},
                                     {"optimizer": "sgd", "amsgrad": True}])
 def test_bad_input_is_a_user_error(kwargs):
@@ -131,7 +135,7 @@ def test_cli_prints_the_table():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.strip()}
-    assert set(STRATEGIES) <= set(rows)
+    assert set(CONCRETE) <= set(rows)
     header = proc.stdout.split("Per device")[1].splitlines()[1].split()
     assert header == ["strategy", "params", "grads", "master_params", "exp_avg", "exp_avg_sq",
                       "max_exp_avg_sq", "total"]
@@ -146,7 +150,7 @@ def test_cli_prints_the_table():
 
 
 def test_cli_counts_a_toolkit_model(capsys):
-    main(["memory", "--model", "awd-lstm", "--vocab", "33278", "--strategy", "single"])
+    main(["memory", "--model", "awd-lstm", "--vocab", "33278", "--strategy", "ddp"])
     out = capsys.readouterr().out
     # AWDLSTM's docstring: 33.6M parameters with WikiText-2's vocabulary, tied weights once.
     assert "33,556,078 parameters" in out
@@ -179,7 +183,7 @@ def test_one_process_holds_the_estimated_states(name, amsgrad):
     model(torch.randn(8, 16)).square().mean().backward()
     opt.step()
     n = sum(p.numel() for p in model.parameters())
-    assert strategy.optimizer_state_bytes(opt) == states(estimate(n, "single", 1, "fp32", name,
+    assert strategy.optimizer_state_bytes(opt) == states(estimate(n, "ddp", 1, "fp32", name,
                                                                   amsgrad))
 
 

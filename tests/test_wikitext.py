@@ -214,7 +214,8 @@ def test_batchify_drops_the_remainder_and_keeps_columns_contiguous():
 
 
 def test_batch_size_must_divide_over_ranks():
-    with pytest.raises(UserError, match="batch size 10 is not a multiple of the 4 processes"):
+    with pytest.raises(UserError, match=r"batch_size=10 must be a positive multiple of "
+                                        r"processes x grad_accum = 4 x 1"):
         BPTTStream(torch.arange(1000), 10, world=4, rank=0)
 
 

@@ -7,12 +7,9 @@ recipe runs as a real program (``python`` / ``torchrun``), as a user would start
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
-import sys
-from functools import cache
 from pathlib import Path
 
 import pytest
@@ -35,14 +32,10 @@ NO_DROPOUT = ["--dropouts", "0", "0", "0", "0", "0"]
 RESULT_KEYS = {"valid_ppl", "valid_ppl_bs1", "test_ppl", "valid_cache_ppl", "test_cache_ppl"}
 
 
-@cache
 def recipe():
-    """recipes/wt2.py as a module (recipes are not a package): its presets and builders."""
-    spec = importlib.util.spec_from_file_location("wt2_recipe", WT2)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
-    spec.loader.exec_module(module)
-    return module
+    """recipes/wt2.py as a module: its presets and builders."""
+    from recipes import wt2
+    return wt2
 
 
 def in_process(monkeypatch) -> None:

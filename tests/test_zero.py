@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from conftest import CPU_2PROC, DIGITS, ROOT, TINY, dumps, launch
-from toolkit import strategy
+from toolkit import strategy, zero
 from toolkit.errors import UserError
 
 FAST = [("zero2", True), ("zero3", True)]
@@ -143,27 +143,27 @@ def test_every_launch_yaml_loads_and_names_what_exists():
         assert cfg["num_processes"] >= 1 and cfg["num_machines"] >= 1
         ds = cfg.get("deepspeed_config", {})
         if "deepspeed_config_file" in ds:
-            user = strategy.load_json(ROOT / ds["deepspeed_config_file"])
+            user = zero.load_json(ROOT / ds["deepspeed_config_file"])
             # Every template merges cleanly into a generated config.
             stage = user["zero_optimization"]["stage"]
             offload = "offload_optimizer" in user["zero_optimization"]
-            merged = strategy.deepspeed_config(stage, offload, micro_batch=4, grad_accum=2,
-                                               world=8, clip=1.0, precision="bf16", user=user)
+            merged = zero.deepspeed_config(stage, offload, micro_batch=4, grad_accum=2,
+                                           world=8, clip=1.0, precision="bf16", user=user)
             assert merged["train_batch_size"] == 64 and merged["bf16"]["enabled"] is True
     assert CPU_2PROC in yamls
 
 
 def test_user_json_conflicts_are_one_line_errors():
-    ours = strategy.deepspeed_config(2, False, micro_batch=8, grad_accum=1, world=2, clip=None,
-                                     precision="fp32")
+    ours = zero.deepspeed_config(2, False, micro_batch=8, grad_accum=1, world=2, clip=None,
+                                 precision="fp32")
     assert ours["train_batch_size"] == 16 and ours["zero_force_ds_cpu_optimizer"] is False
-    merged = strategy.merge(ours, {"zero_optimization": {"overlap_comm": True, "stage": "auto"}})
+    merged = zero.merge(ours, {"zero_optimization": {"overlap_comm": True, "stage": "auto"}})
     assert merged["zero_optimization"] == {"stage": 2, "elastic_checkpoint": True,
                                            "overlap_comm": True}
     with pytest.raises(UserError, match=r"train_micro_batch_size_per_gpu=4 .* gives 8"):
-        strategy.merge(ours, {"train_micro_batch_size_per_gpu": 4})
+        zero.merge(ours, {"train_micro_batch_size_per_gpu": 4})
     with pytest.raises(UserError, match=r"zero_optimization.stage=3"):
-        strategy.merge(ours, {"zero_optimization": {"stage": 3}})
+        zero.merge(ours, {"zero_optimization": {"stage": 3}})
     with pytest.raises(UserError, match="unknown"):
         strategy.parse_strategy("zero4")
 
@@ -172,7 +172,7 @@ def test_a_deepspeed_optimizer_section_is_refused(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}))
     with pytest.raises(UserError, match="'optimizer' section"):
-        strategy.load_json(path)
+        zero.load_json(path)
 
 
 def test_strategy_flag_contradicting_the_launcher_is_an_error(tmp_path):

@@ -7,17 +7,16 @@ renames the folder in one step. A folder without the marker is never resumed fro
 crash mid-save can only lose the checkpoint being written. The newest ``keep`` are kept.
 
 A checkpoint resumes on another number of processes; DeepSpeed ZeRO shards are re-cut for
-it (:func:`any_world`). RNG states are restored by us and fail loudly: Accelerate's
-``load_state`` logs and goes on when it cannot restore them, which would make a resumed run
-silently differ.
+it by the engine's loader as :func:`toolkit.zero.any_world` patches it. The marker records the
+ZeRO stage (:func:`toolkit.zero.stage`, 0 without DeepSpeed): another stage's shards do not
+fit, and resuming under one is refused in one line. RNG states are restored by us and fail
+loudly: Accelerate's ``load_state`` logs and goes on when it cannot restore them, which would
+make a resumed run silently differ.
 """
 
 from __future__ import annotations
 
-import functools
 import errno
-import glob
-import itertools
 import json
 import os
 import random
@@ -29,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from toolkit import zero
+from toolkit.atomic import fsync_dir, write_atomic
 from toolkit.distributed import all_reduce_sum, gather_objects
 from toolkit.errors import UserError
 
@@ -164,19 +165,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def zero_stage(accelerator) -> int:
-    plugin = accelerator.state.deepspeed_plugin
-    return int(plugin.zero_stage) if plugin is not None else 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -194,7 +182,7 @@ def remove(path: Path) -> None:
     rename), then its files."""
     gone = path.with_name(".del-" + path.name)
     os.rename(path, gone)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(gone)
 
 
@@ -269,17 +257,13 @@ def save(accelerator, ckpt_dir: Path, step: int, trainer_state: dict, keep: int)
         files.update(share)
 
     def commit():
-        marker = {"step": step, "world_size": world, "zero_stage": zero_stage(accelerator),
+        marker = {"step": step, "world_size": world, "zero_stage": zero.stage(accelerator),
                   "files": dict(sorted(files.items()))}
-        with open(tmp / MARKER, "w") as f:
-            json.dump(marker, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        write_atomic(tmp / MARKER, json.dumps(marker))  # fsyncs the file and tmp
         if final.exists():  # from before a resume at an earlier step: this one replaces it
             remove(final)
         os.rename(tmp, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
         for _, old in list_checkpoints(ckpt_dir)[:-keep]:
             remove(old)
 
@@ -287,144 +271,12 @@ def save(accelerator, ckpt_dir: Path, step: int, trainer_state: dict, keep: int)
     return final
 
 
-def any_world(model) -> None:
-    """Let a DeepSpeed ZeRO engine load its checkpoints on another number of processes (a
-    no-op for other models); call it once the model is prepared."""
-    if hasattr(model, "_load_zero_checkpoint"):
-        model._load_zero_checkpoint = functools.partial(_load_zero_shards, model)
-        model._get_all_ckpt_names = functools.partial(_model_state_files, model)
-
-
-def _load_zero_shards(engine, load_dir: str, tag: str, load_optimizer_states: bool = True) -> bool:
-    """DeepSpeed's ZeRO shard loading, also onto another number of processes.
-
-    DeepSpeed 0.19.8 refuses a checkpoint of another data-parallel world, and its universal
-    conversion keeps only ``exp_avg``/``exp_avg_sq``. Here every saved shard is read and the
-    flat fp32 weights and *every* optimizer state (AMSGrad's ``max_exp_avg_sq`` included) are
-    re-cut for this world. Stages 1/2: DeepSpeed's own "elastic" merge (the checkpoint is saved
-    unpadded, see :func:`toolkit.strategy.deepspeed_config`); its loader indexes the shards
-    by this rank (out of range when the world grows) and wants a per-group ``step``, which
-    torch's Adam keeps per parameter instead. Stage 3: :func:`_recut_zero3`.
-    """
-    from deepspeed.checkpoint.constants import BASE_OPTIMIZER_STATE, OPTIMIZER_STATE_DICT
-
-    opt, world = engine.optimizer, engine.seq_dp_world_size
-    if engine.zero_optimization_stage() == 3 and engine.loaded_checkpoint_dp_world_size != world:
-        # DeepSpeed reads only this rank's shard at stage 3: read them all.
-        names = engine._get_all_zero_checkpoint_names(load_dir, tag, engine.bfloat16_enabled())
-        if names is None:
-            return False
-        saved = [engine.checkpoint_engine.load(name, map_location="cpu")[OPTIMIZER_STATE_DICT]
-                 for name in names]
-        shards = [_recut_zero3(opt, saved)] * world  # the loader takes this rank's entry
-    else:
-        shards = engine._get_all_zero_checkpoints(load_dir, tag)
-    if shards is None:
-        return False
-    if engine.zero_optimization_stage() == 3:
-        opt.load_state_dict(state_dict_list=shards, load_optimizer_states=load_optimizer_states,
-                            load_from_fp32_weights=engine.zero_load_from_fp32_weights(),
-                            checkpoint_folder=None, load_serial=None,
-                            param_shapes=engine._get_zero_param_shapes())
-        return True
-    if not isinstance(shards[0][BASE_OPTIMIZER_STATE], list):  # saved without elastic_checkpoint
-        if len(shards) != world:
-            raise UserError(f"ZeRO checkpoint {load_dir} was saved without elastic_checkpoint; "
-                            f"resume it on {len(shards)} processes")
-        return type(engine)._load_zero_checkpoint(engine, load_dir, tag, load_optimizer_states)
-    opt._wait_for_offload_copies()
-    opt._load_global_state(shards[0])
-    if load_optimizer_states:
-        # One flat fp32 partition per group: merge the saved ones, cut this rank's. Through
-        # torch's load_state_dict, which also drops any state the saved one lacks.
-        inner, state = opt.optimizer, {}
-        for i in range(len(inner.param_groups)):
-            saved = [shard[BASE_OPTIMIZER_STATE][i] for shard in shards]
-            state[i] = {}
-            for key, value in saved[0].items():
-                if torch.is_tensor(value) and value.dim() > 0:
-                    value = opt._partition_base_optimizer_state(key, [s[key] for s in saved], i)
-                state[i][key] = value.clone() if torch.is_tensor(value) else value
-        inner.load_state_dict({"state": {i: s for i, s in state.items() if s},
-                               "param_groups": inner.state_dict()["param_groups"]})
-    if engine.zero_load_from_fp32_weights():
-        opt._restore_from_elastic_fp32_weights(shards)
-    else:
-        opt._restore_from_bit16_weights()
-    if load_optimizer_states:
-        opt._link_all_hp_params()
-    return True
-
-
-def _model_state_files(engine, load_dir: str, tag: str) -> list[str]:
-    """The engine's model-state files. ZeRO-3 names them by rank and a rank beyond the saved
-    world finds none: it reads rank 0's (they differ only in partitioned placeholders)."""
-    files = type(engine)._get_all_ckpt_names(engine, load_dir, tag)
-    if not files and engine.zero_optimization_partition_weights():
-        files = sorted(glob.glob(engine._get_ckpt_name(load_dir, tag, mp_placeholder="*",
-                                                       pp_placeholder="0")))
-    return files
-
-
-def _recut_zero3(opt, shards: list[dict]) -> dict:
-    """This rank's ZeRO-3 optimizer shard, cut from ``shards`` saved by another world size.
-
-    ZeRO-3 gives rank r elements ``[r*s, (r+1)*s)`` of every parameter, ``s = ceil(numel /
-    world)``, zero-padded, and a flat fp32 group (and each optimizer state) is those pieces
-    concatenated in parameter order. Rebuild each parameter whole from the saved world's
-    pieces, then cut this world's.
-    """
-    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
-
-    saved, rank = len(shards), torch.distributed.get_rank(group=opt.dp_process_group)
-    params = [p for group in opt.fp16_groups for p in group]
-
-    def recut(flats: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-        per_rank = [torch.cat([t.reshape(-1) for t in f]) for f in flats]
-        sizes = [-(-p.ds_numel // saved) for p in params]
-        if any(len(r) != sum(sizes) for r in per_rank):
-            raise UserError("the ZeRO-3 checkpoint does not match this model's parameters")
-        whole = [torch.cat([r[o:o + s] for r in per_rank])[:p.ds_numel] for p, s, o in
-                 zip(params, sizes, itertools.accumulate([0] + sizes))]
-        out, k = [], 0
-        for group in opt.fp16_groups:
-            pieces = []
-            for p in group:
-                s = p.partition_numel()
-                piece = whole[k][rank * s:(rank + 1) * s]
-                pieces.append(torch.nn.functional.pad(piece, (0, s - len(piece))))
-                k += 1
-            out.append(torch.cat(pieces))
-        return out
-
-    recut_keys = (FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT)
-    state = {k: v for k, v in shards[0].items() if k not in recut_keys}
-    state[FP32_FLAT_GROUPS] = recut([sd[FP32_FLAT_GROUPS] for sd in shards])
-    optim = shards[0][OPTIMIZER_STATE_DICT]
-    if len(optim["state"]) not in (0, len(opt.fp16_groups)):
-        raise UserError(f"the ZeRO-3 checkpoint has {len(optim['state'])} optimizer sub-groups, "
-                        f"this run {len(opt.fp16_groups)}: resume on the same number of processes")
-    groups = range(len(opt.fp16_groups))
-    per_group = {}
-    for key, first in (optim["state"].get(0) or {}).items():
-        if torch.is_tensor(first) and first.dim() > 0:
-            per_group[key] = recut([[sd[OPTIMIZER_STATE_DICT]["state"][i][key] for i in groups]
-                                    for sd in shards])
-        else:  # the step: one per group, equal on every rank (its own tensor: stepped in place)
-            per_group[key] = [optim["state"][i][key] for i in groups]
-    state[OPTIMIZER_STATE_DICT] = {
-        "state": {i: {key: v[i] for key, v in per_group.items()} for i in groups
-                  if per_group},
-        "param_groups": optim["param_groups"]}
-    return state
-
-
 def load(accelerator, path: Path) -> dict:
     """Restore model, optimizer, scheduler, scaler and RNG from ``path``; return trainer state."""
     marker = read_marker(path)
     rank, world = accelerator.process_index, accelerator.num_processes
     own = path / f"trainer_{rank}.pt"
-    saved_stage, stage = marker.get("zero_stage", 0), zero_stage(accelerator)
+    saved_stage, stage = marker.get("zero_stage", 0), zero.stage(accelerator)
     if saved_stage != stage and (saved_stage or stage):
         raise UserError(f"checkpoint {path} was saved under ZeRO stage {saved_stage} and this run "
                         f"uses stage {stage}: resume with the strategy it was saved with")

@@ -7,11 +7,10 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 
-from toolkit.errors import UserError
+from toolkit.errors import UserError, error_line
 
 
 def run(main: Callable[[], object]) -> None:
@@ -19,9 +18,7 @@ def run(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as e:
-        rank = os.environ.get("RANK")
-        prefix = "error" if rank in (None, "0") else f"error (rank {rank})"
-        print(f"{prefix}: {e}", file=sys.stderr, flush=True)
+        error_line(e)
         sys.exit(2)
 
 
@@ -54,6 +51,9 @@ def _memory(args: list[str]) -> None:
     import argparse
 
     from toolkit import memory
+    from toolkit.distributed import PRECISIONS
+    from toolkit.optim import OPTIMIZERS
+    from toolkit.strategy import CONCRETE
 
     parser = argparse.ArgumentParser(
         prog="toolkit memory",
@@ -66,16 +66,16 @@ def _memory(args: list[str]) -> None:
                         help="vocabulary of --model (default 33278, WikiText-2)")
     parser.add_argument("--world", type=int, default=1, help="processes (devices)")
     # Choices are checked by the estimator, so a bad value is one `error:` line.
-    parser.add_argument("--precision", default="fp32", help=", ".join(memory.PRECISIONS))
-    parser.add_argument("--optimizer", default="adamw", help=", ".join(memory.OPTIMIZERS))
+    parser.add_argument("--precision", default="fp32", help=", ".join(PRECISIONS))
+    parser.add_argument("--optimizer", default="adamw", help=", ".join(OPTIMIZERS))
     parser.add_argument("--amsgrad", action="store_true")
     parser.add_argument("--strategy", action="append",
-                        help=f"only this strategy (repeatable): {', '.join(memory.STRATEGIES)}")
+                        help=f"only this strategy (repeatable): {', '.join(CONCRETE)}")
     ns = parser.parse_args(args)
     n = memory.parse_count(ns.params) if ns.params is not None else memory.model_params(
         ns.model, ns.vocab)
     print(memory.table(n, ns.world, ns.precision, ns.optimizer, ns.amsgrad,
-                       tuple(ns.strategy or memory.STRATEGIES)))
+                       tuple(ns.strategy or CONCRETE)))
 
 
 if __name__ == "__main__":  # python -m toolkit.cli plot RUN_DIR

@@ -20,19 +20,23 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, TypeVar
 
 import torch
 import tyro
 
 from toolkit import optim as optim_lib
 from toolkit import schedule as schedule_lib
+from toolkit.atomic import write_atomic
+from toolkit.distributed import Precision
 from toolkit.errors import UserError
+from toolkit.optim import Impl, OptimizerName
+from toolkit.strategy import Strategy
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    name: OptimizerName = "adamw"
     """adamw: decoupled weight decay (p -= lr*wd*p); adam: L2 (g += wd*p); sgd: momentum + L2."""
     lr: float = 3e-3
     """Maximum learning rate of the cycle (pick it with --lr-find)."""
@@ -52,7 +56,7 @@ class OptimConfig:
     """No weight decay on biases and normalization weights."""
     lr_mults: tuple[float, ...] | None = None
     """Discriminative learning rates over the model's layer groups, e.g. (1/9, 1/3, 1)."""
-    impl: Literal["auto", "fused", "foreach", "forloop", "compiled"] = "auto"
+    impl: Impl = "auto"
     """Kernel: auto = fastest correct for the device (fused); compiled = torch.compile'd step."""
 
     def validate(self) -> None:
@@ -62,6 +66,23 @@ class OptimConfig:
         if self.lr_mults is not None and not (self.lr_mults and all(m > 0 for m in self.lr_mults)):
             raise ValueError(f"--optim.lr-mults={self.lr_mults} must be one value > 0 per layer "
                              "group")
+
+    def write_hparams(self, group: dict, lr_mult: float) -> None:
+        """Write these hyperparameters into a param group of the built optimizer (a new
+        stage of a run): lr x ``lr_mult``, weight decay where the group ``decay``s."""
+        lr = self.lr * lr_mult
+        group["initial_lr"], group["lr_mult"] = lr, lr_mult
+        schedule_lib.set_lr(group, lr)
+        group["weight_decay"] = self.wd if group.get("decay", True) else 0.0
+        if "betas" in group:
+            for value, new in zip(group["betas"], self.betas):
+                if isinstance(value, torch.Tensor):  # the compiled step: in place
+                    value.fill_(new)
+            if not isinstance(group["betas"][0], torch.Tensor):
+                group["betas"] = tuple(self.betas)
+            group["eps"] = self.eps
+        else:
+            group["momentum"], group["nesterov"] = self.momentum, self.nesterov
 
     def check_layer_groups(self, groups: int) -> None:
         """``lr_mults`` must give one value per layer group of the model (``groups``)."""
@@ -119,12 +140,14 @@ class TrainConfig:
     """Global batch per optimizer step, over all processes and accumulation steps."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
+    sync_batchnorm: bool = False
+    """Synchronize BatchNorm statistics over processes (SyncBatchNorm): N processes then
+    normalize like one process on the whole global batch."""
     clip: float | None = None
     """Clip the global gradient norm to this value."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Precision = "fp32"
     """Mixed precision (fp16 uses a loss scaler)."""
-    strategy: Literal["auto", "ddp", "zero1", "zero2", "zero3", "zero2-offload",
-                      "zero3-offload"] = "auto"
+    strategy: Strategy = "auto"
     """auto = what the launcher set up (DDP over its processes, or an Accelerate DeepSpeed
     config); zeroN = DeepSpeed ZeRO stage N; -offload = optimizer state (and stage-3
     parameters) in CPU memory."""
@@ -264,8 +287,7 @@ def to_dict(cfg) -> dict:
 
 
 def write_json(path: Path, obj) -> None:
-    """Write JSON through a temp file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    """Write ``obj`` as indented JSON, atomically (:func:`toolkit.atomic.write_atomic`): a
+    crash never leaves half a file."""
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 

@@ -4,51 +4,52 @@ Accelerate 1.15 on a machine without GPU gives every process launched by ``torch
 ``accelerate launch --multi_gpu`` a world of one (``DistributedType.NO``), and the run
 trains N independent models without a word. ``ACCELERATE_USE_CPU=true`` set before
 ``Accelerator()`` makes it ``MULTI_CPU`` over gloo. We set it, then check the world size we
-really train with against the launcher's ``WORLD_SIZE``.
+really train with against the launcher's ``WORLD_SIZE``. DeepSpeed's own set-up (its
+environment, its plugin and gloo group) is :mod:`toolkit.zero`'s.
+
+:data:`Precision` names the precisions a run can have, and :func:`micro_batch` is the one
+split of a global batch over processes and accumulation steps.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import warnings
+from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
-from pathlib import Path
-
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs
 
-from toolkit import strategy
+from toolkit import strategy, zero
 from toolkit.errors import UserError
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def micro_batch(batch_size: int, world: int, grad_accum: int = 1) -> int:
+    """Examples per process and micro-batch: the global ``batch_size`` (per optimizer step)
+    over ``world`` processes and ``grad_accum`` accumulation steps; a one-line
+    :class:`UserError` when it does not divide."""
+    parts = world * grad_accum
+    if batch_size < 1 or batch_size % parts:
+        raise UserError(f"batch_size={batch_size} must be a positive multiple of processes x "
+                        f"grad_accum = {world} x {grad_accum} = {parts}")
+    return batch_size // parts
+
+
 def prepare_env(deepspeed: bool = False) -> None:
     """Call before ``Accelerator()``: multi-process CPU runs need ``ACCELERATE_USE_CPU``
     (without DeepSpeed: with it, that flag turns the run into plain MULTI_CPU)."""
-    if deepspeed and "WORLD_SIZE" not in os.environ:
-        # A plain `python recipe.py --strategy zero2`: without a launcher's variables
-        # DeepSpeed goes looking for MPI. One process is a world of one on this host.
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
-            os.environ.setdefault(key, value)
-    if deepspeed:
-        # DeepSpeed 0.19.8 calls torch's deprecated all_gather_into_tensor at every step; torch
-        # 2.14 warns each time, burying the progress bar.
-        warnings.filterwarnings("ignore", r"`torch\.distributed\.all_gather_into_tensor` is "
-                                "deprecated", FutureWarning)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's ops and comm on CPU
-        if launcher_world_size() > 1 and not deepspeed:
-            os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    zero.prepare_env(deepspeed)
+    if not torch.cuda.is_available() and launcher_world_size() > 1 and not deepspeed:
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def check_world_size(accelerator: Accelerator) -> None:
@@ -86,8 +87,9 @@ def gather_objects(obj) -> list:
 
 
 def make_accelerator(strategy_flag: str, deepspeed_json: str | None, *, batch_size: int,
-                     grad_accum: int, clip: float | None, precision: str,
-                     project_dir: Path) -> tuple[Accelerator, str]:
+                     grad_accum: int, clip: float | None, precision: Precision,
+                     project_dir: Path, find_unused_parameters: bool = False
+                     ) -> tuple[Accelerator, str]:
     """The ``Accelerator`` for a run and the strategy it runs (see :mod:`toolkit.strategy`).
 
     ``batch_size`` is the global batch per optimizer step; the DeepSpeed config, when there
@@ -97,20 +99,14 @@ def make_accelerator(strategy_flag: str, deepspeed_json: str | None, *, batch_si
     stage, offload = strategy.parse_strategy(name)
     prepare_env(deepspeed=stage > 0)
     world = launcher_world_size()
-    if batch_size % (world * grad_accum):
-        raise UserError(f"batch_size={batch_size} must be a multiple of processes x "
-                        f"grad_accum = {world} x {grad_accum}")
-    plugin = None if not stage else DeepSpeedPlugin(
-        hf_ds_config=strategy.deepspeed_config(
-            stage, offload, micro_batch=batch_size // (world * grad_accum), grad_accum=grad_accum,
-            world=world, clip=clip, precision=precision, user=user),
-        zero3_init_flag=False)
-    # DeepSpeed on CPU needs gloo named explicitly, or Accelerate reports one process.
-    handlers = [InitProcessGroupKwargs(backend="gloo")] \
-        if stage and world > 1 and not torch.cuda.is_available() else []
+    kwargs = zero.accelerator_kwargs(
+        stage, offload, micro_batch=micro_batch(batch_size, world, grad_accum),
+        grad_accum=grad_accum, world=world, clip=clip, precision=precision, user=user)
+    if find_unused_parameters:  # layers frozen for a stage: DDP must not wait for their grads
+        kwargs["kwargs_handlers"] = [*kwargs["kwargs_handlers"],
+                                     DistributedDataParallelKwargs(find_unused_parameters=True)]
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
-                              log_with="tensorboard", project_dir=str(project_dir),
-                              deepspeed_plugin=plugin, kwargs_handlers=handlers)
+                              log_with="tensorboard", project_dir=str(project_dir), **kwargs)
     check_world_size(accelerator)
     if precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate 1.15 would silently train in fp32 (no autocast, no scaler) on CPU.

@@ -15,7 +15,7 @@ that fastai 0.7 (the post's code) does not share are options: the lr of a batch 
 ``seq_len / bptt`` (``lr_scale_seq_len``), and epochs that run to the end of the data rather
 than stop after ``rows // bptt - 1`` batches (``batching``). The hidden state is part of each
 rank's checkpoint, so a run resumed mid-epoch equals the uninterrupted one bitwise.
-:func:`evaluate_stream` gives the perplexity of a stream at batch size 1 with and without the
+:meth:`LMTrainer.score_stream` gives the perplexity of a stream at batch size 1 with and without the
 neural cache pointer.
 """
 
@@ -25,15 +25,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
-from toolkit.data.wikitext import Batching, BPTTStream
-from toolkit.distributed import all_reduce_sum
+from toolkit.data.wikitext import Batching, BPTTData, BPTTStream
 from toolkit.errors import UserError
 from toolkit.eval.cache_pointer import CachePointer
 from toolkit.models.awd_lstm import AWDLanguageModel, repackage_hidden
-from toolkit.schedule import set_lr
 from toolkit.trainer import Trainer
 
 
@@ -78,10 +75,11 @@ class LanguageModel(nn.Module):
 class LMTrainer(Trainer):
     """:class:`~toolkit.trainer.Trainer` for BPTT language modelling.
 
-    ``train_ids`` / ``valid_ids``: token streams. Each rank trains on its
-    ``batch_size // world`` columns of the ``batch_size``-column stream (AWD's ``batchify``),
-    cut into AWD's variable lengths around ``bptt`` (70); validation cuts
-    ``eval_batch_size`` (10) columns, also sharded, into fixed ``eval_bptt`` rows.
+    ``train_ids`` / ``valid_ids``: token streams, as :class:`~toolkit.data.wikitext.BPTTData`.
+    Each rank trains on its ``batch_size // world`` columns of the ``batch_size``-column
+    stream (AWD's ``batchify``), cut into AWD's variable lengths around ``bptt`` (70), and
+    carries one hidden state per accumulation part; validation cuts ``eval_batch_size`` (10)
+    columns, also sharded, into fixed ``eval_bptt`` rows.
 
     ``batching``: where an epoch starts and ends, ``"salesforce"`` (AWD-LSTM's ``main.py``:
     to the end of the data) or ``"fastai"`` (fastai 0.7's ``LanguageModelLoader``: first
@@ -94,126 +92,88 @@ class LMTrainer(Trainer):
     def __init__(self, model: LanguageModel, train_ids: Tensor, valid_ids: Tensor | None = None,
                  *, bptt: int = 70, eval_batch_size: int = 10, eval_bptt: int = 70,
                  batching: Batching = "salesforce", lr_scale_seq_len: bool = True, **kwargs):
-        if kwargs["train"].grad_accum != 1:
-            raise UserError(f"grad_accum={kwargs['train'].grad_accum}: a language model steps "
-                            "once per BPTT batch (its hidden state runs on); use grad_accum 1")
-        self.train_ids, self.valid_ids = train_ids, valid_ids
-        self.bptt, self.eval_batch_size, self.eval_bptt = bptt, eval_batch_size, eval_bptt
-        self.batching, self.lr_scale_seq_len = batching, lr_scale_seq_len
-        self.stream: BPTTStream | None = None
-        self.hidden = None
-        super().__init__(model, train_ids, valid_ids, **kwargs)
+        train = BPTTData(train_ids, bptt, seed=kwargs["train"].seed, batching=batching)
+        valid = None if valid_ids is None else BPTTData(
+            valid_ids, eval_bptt, variable=False, batch_size=eval_batch_size)
+        super().__init__(model, train, valid, **kwargs)
+        self.lr_scale_seq_len = lr_scale_seq_len
+        self.hidden: dict[int, list] = {}  # per accumulation part
+        self.eval_hidden = None
 
-    # ---- data: this rank's columns, built once the accelerator knows the rank ----------
-    def _streams(self) -> BPTTStream:
-        if self.stream is None:
-            acc, cfg = self.accelerator, self.cfg
-            world, rank = acc.num_processes, acc.process_index
-            self.stream = BPTTStream(self.train_ids, cfg.batch_size, self.bptt, world=world,
-                                     rank=rank, seed=cfg.seed, batching=self.batching)
-            self.valid_stream = None if self.valid_ids is None else BPTTStream(
-                self.valid_ids, self.eval_batch_size, self.eval_bptt, variable=False,
-                world=world, rank=rank)
-        return self.stream
-
-    def count_steps(self) -> int:
-        return self._streams().total_batches(self.cfg.epochs)
-
-    def epoch_at(self, step: int) -> float:
-        epoch, k = self.stream.locate(step)
-        return epoch + k / self.stream.num_batches(epoch)
-
-    def train_batches(self):
-        """``(inputs, targets, seq_len, first_of_epoch)`` from ``self.step`` on, forever."""
-        epoch, k = self.stream.locate(self.step)
-        while True:
-            for i, (x, y, seq_len) in enumerate(self.stream.batches(epoch, k), start=k):
-                yield x, y, seq_len, i == 0
-            epoch, k = epoch + 1, 0
-
-    def unwrapped(self) -> LanguageModel:
-        return self.accelerator.unwrap_model(self.model)
-
-    # ---- the hidden state is per-rank state: checkpointed with the rank ----------------
+    # ---- the hidden states are per-rank state: checkpointed with the rank --------------
     def extra_state(self) -> dict:
-        return {"hidden": None if self.hidden is None else
-                [[t.cpu() for t in layer] for layer in self.hidden]}
+        return {"hidden": {a: [[t.cpu() for t in layer] for layer in h]
+                           for a, h in self.hidden.items()}}
 
     def load_extra_state(self, state: dict) -> None:
-        hidden = state.get("hidden")
-        if hidden is not None:
-            cols = hidden[0][0].size(1)
+        saved = state.get("hidden") or {}
+        if not isinstance(saved, dict):  # a checkpoint of one hidden state (no accumulation)
+            saved = {0: saved}
+        device, hidden = self.accelerator.device, {}
+        for a, h in saved.items():
+            cols = h[0][0].size(1)
             if cols != self.micro_batch:
-                raise UserError(f"the checkpoint's hidden state has {cols} columns per process, "
-                                f"this run has {self.micro_batch}: resume with the same "
-                                "--batch-size and number of processes")
-            device = self.accelerator.device
-            hidden = [tuple(t.to(device) for t in layer) for layer in hidden]
+                raise UserError(f"the checkpoint's hidden state has {cols} columns per "
+                                f"micro-batch, this run has {self.micro_batch}: resume with "
+                                "the same --batch-size, --grad-accum and number of processes")
+            hidden[a] = [tuple(t.to(device) for t in layer) for layer in h]
         self.hidden = hidden
 
     # ---- one step ---------------------------------------------------------------------
     def train_step(self, batch) -> Tensor:
-        x, y, seq_len, first = batch
-        if first or self.hidden is None:  # AWD zeroes the state at each epoch's start
-            self.hidden = self.unwrapped().init_hidden(x.size(1))
-        if self.lr_scale_seq_len:
-            # AWD's rescaling: a short batch gets a proportionally smaller step. The optimizer
-            # steps after this returns; the scheduler's next step() rewrites every group's lr.
-            factor = self.stream.lr_factor(seq_len)
-            for group in self.scheduler.optimizer.param_groups:
-                set_lr(group, float(group["lr"]) * factor)
-        logp, _, hidden, penalty = self.model(x, y, self.hidden)
-        self.hidden = repackage_hidden(hidden)
+        x, y, seq_len, first, part = batch
+        if first or part not in self.hidden:  # AWD zeroes the state at each epoch's start
+            self.hidden[part] = self.unwrapped().init_hidden(x.size(1))
+        if self.lr_scale_seq_len and part == 0:
+            # AWD's rescaling: a short batch gets a proportionally smaller step.
+            self.scheduler.scale_current(self.train_data.lr_factor(seq_len))
+        logp, _, hidden, penalty = self.model(x, y, self.hidden[part])
+        self.hidden[part] = repackage_hidden(hidden)
         return -logp.mean() + penalty.ar + penalty.tar
 
-    @torch.no_grad()
+    def eval_step(self, batch) -> dict[str, Tensor]:
+        """Summed negative log-likelihood; the hidden state runs on through the pass."""
+        x, y, _, first, _ = batch
+        if first:
+            self.eval_hidden = self.unwrapped().init_hidden(x.size(1))
+        logp, _, self.eval_hidden, _ = self.model(x, y, self.eval_hidden)
+        return {"loss": -logp.double().sum(), "count": torch.tensor(y.numel())}
+
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (nats/token) and perplexity: this rank's columns, all-reduced."""
-        if self.valid_ids is None:
-            return {}
-        self.model.eval()
-        hidden = self.unwrapped().init_hidden(self.valid_stream.data.size(1))
-        nll = torch.zeros((), dtype=torch.float64)
-        count = 0
-        for x, y, _ in self.valid_stream.batches():
-            x, y = send_to_device((x, y), self.accelerator.device)
-            logp, _, hidden, _ = self.model(x, y, hidden)
-            nll -= logp.double().sum().cpu()
-            count += y.numel()
-        self.model.train()
-        nll, count = all_reduce_sum(torch.stack([nll, torch.tensor(count, dtype=torch.float64)]))
-        loss = (nll / count).item()
-        return {"valid_loss": loss, "valid_ppl": math.exp(loss)}
+        """Validation loss (nats/token) and perplexity."""
+        out = super().evaluate()
+        if out:
+            out["valid_ppl"] = math.exp(out["valid_loss"])
+        return out
 
+    @torch.no_grad()
+    def score_stream(self, ids: Tensor, bptt: int = 2000, *,
+                     cache: CachePointer | None = None) -> dict[str, float]:
+        """Perplexity of the stream ``ids`` at batch size 1 in ``bptt`` rows, hidden state
+        carried; with ``cache``, also under the neural cache pointer (post: theta 0.662,
+        lambda 0.1279, window 3785, bptt 2000).
 
-@torch.no_grad()
-def evaluate_stream(trainer: LMTrainer, ids: Tensor, bptt: int = 2000, *,
-                    cache: CachePointer | None = None) -> dict[str, float]:
-    """Perplexity of the stream ``ids`` at batch size 1 in ``bptt`` rows, hidden state carried;
-    with ``cache``, also under the neural cache pointer (post: theta 0.662, lambda 0.1279,
-    window 3785, bptt 2000).
-
-    Batch size 1 cannot be split over processes, so every rank computes the whole stream
-    and the same numbers: no collective of its own, hence no rank waits for another that
-    skipped it, and under ZeRO-3 each forward is the engine's (whose gathers every rank
-    joins). Without DeepSpeed the unwrapped model is used (no DDP bookkeeping).
-    """
-    model = trainer.model if trainer.deepspeed else trainer.unwrapped()
-    device = trainer.accelerator.device
-    model.eval()
-    hidden = trainer.unwrapped().init_hidden(1)
-    if cache is not None:
-        cache.reset()
-    nll, cache_ll, count = 0.0, 0.0, 0
-    for x, y, _ in BPTTStream(ids, 1, bptt, variable=False).batches():
-        x, y = x.to(device), y.to(device)
-        logp, output, hidden, _ = model(x, y, hidden)
-        nll -= logp.double().sum().item()
-        count += y.numel()
+        Batch size 1 cannot be split over processes, so every rank computes the whole stream
+        and the same numbers: no collective of its own, hence no rank waits for another that
+        skipped it, and under ZeRO-3 each forward is the engine's (whose gathers every rank
+        joins). Without DeepSpeed the unwrapped model is used (no DDP bookkeeping).
+        """
+        model = self.model if self.deepspeed else self.unwrapped()
+        device = self.accelerator.device
+        model.eval()
+        hidden = self.unwrapped().init_hidden(1)
         if cache is not None:
-            cache_ll += cache.score(logp[:, 0], output[:, 0], y[:, 0])[0]
-    model.train()
-    out = {"ppl": math.exp(nll / count)}
-    if cache is not None:
-        out["cache_ppl"] = math.exp(-cache_ll / count)
-    return out
+            cache.reset()
+        nll, cache_ll, count = 0.0, 0.0, 0
+        for x, y, _ in BPTTStream(ids, 1, bptt, variable=False).batches():
+            x, y = x.to(device), y.to(device)
+            logp, output, hidden, _ = model(x, y, hidden)
+            nll -= logp.double().sum().item()
+            count += y.numel()
+            if cache is not None:
+                cache_ll += cache.score(logp[:, 0], output[:, 0], y[:, 0])[0]
+        model.train()
+        out = {"ppl": math.exp(nll / count)}
+        if cache is not None:
+            out["cache_ppl"] = math.exp(-cache_ll / count)
+        return out

@@ -10,15 +10,12 @@ stops deadlock the next collective, fastai #2485).
 from __future__ import annotations
 
 import math
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from toolkit.checkpoint import rng_state, set_rng_state
 from toolkit.config import write_json
-from toolkit.distributed import all_reduce_sum
-from toolkit.schedule import set_lr
 
 
 def _valley_index(loss: np.ndarray) -> int:
@@ -92,62 +89,41 @@ def suggestions(lrs: list[float], smoothed: list[float], skip_start: int | None 
     return out
 
 
-def lr_find(trainer, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100,
-            smooth: float = 0.98, stop_div: float = 4.0) -> dict:
-    """Sweep the max lr from ``start_lr`` to ``end_lr``; write ``lr_find.json``/``.png``.
-
-    Groups keep their lr ratios (discriminative lrs). Returns lrs, raw and smoothed losses
-    and :func:`suggestions`. The trainer is left exactly as it was.
-    """
+def check_sweep(start_lr: float, end_lr: float, num_steps: int) -> None:
     if not 0 < start_lr < end_lr:
         raise ValueError(f"lr_find needs 0 < start_lr < end_lr, got {start_lr}, {end_lr}")
     if num_steps < 2:
         raise ValueError(f"num_steps={num_steps} must be >= 2")
-    trainer.claim_output_dir()
-    acc, opt = trainer.accelerator, trainer.scheduler.optimizer
-    # Snapshot through the checkpoint code: the one way that also restores ZeRO shards,
-    # DeepSpeed's counters and the loss scaler. Collective, like the sweep.
-    snapshot = Path(trainer.cfg.output_dir) / ".lr_find_state"
-    if acc.is_main_process:
-        shutil.rmtree(snapshot, ignore_errors=True)
-        snapshot.mkdir(parents=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(snapshot))
-    saved_rng, saved_step = rng_state(), trainer.step
-    top = max(trainer.scheduler.base_lrs)
-    ratios = [b / top for b in trainer.scheduler.base_lrs]
-    it = trainer.train_batches()
+
+
+def sweep(step: Callable[[float], float], start_lr: float = 1e-7, end_lr: float = 10.0,
+          num_steps: int = 100, smooth: float = 0.98, stop_div: float = 4.0) -> dict:
+    """Call ``step(lr)`` (one optimizer step at that max lr; returns the loss, the same on
+    every rank) for exponentially growing lrs until ``end_lr`` or until the smoothed loss
+    passes ``stop_div`` times its best. Returns lrs, raw and smoothed losses and
+    :func:`suggestions`. :meth:`toolkit.trainer.Trainer.lr_find` runs it on a trainer."""
+    check_sweep(start_lr, end_lr, num_steps)
     lrs, losses, smoothed = [], [], []
     avg, best = 0.0, math.inf
-    trainer.model.train()
     for i in range(num_steps):
         lr = start_lr * (end_lr / start_lr) ** (i / (num_steps - 1))
-        for group, r in zip(opt.param_groups, ratios):
-            set_lr(group, lr * r)
-        loss = all_reduce_sum(trainer.optimizer_step(it, step_schedule=False).double())
-        loss = loss.item() / acc.num_processes
+        loss = step(lr)
         avg = smooth * avg + (1 - smooth) * loss
         value = avg / (1 - smooth ** (i + 1))
         lrs.append(lr), losses.append(loss), smoothed.append(value)
         if not math.isfinite(value) or value > stop_div * best:
             break
         best = min(best, value)
-    acc.load_state(str(snapshot))
-    set_rng_state(saved_rng)
-    trainer.step = saved_step
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        shutil.rmtree(snapshot)
     # fastai trims a tenth of the planned sweep, also when it stopped early.
-    result = {"lrs": lrs, "losses": losses, "smoothed": smoothed,
-              "suggestions": suggestions(lrs, smoothed, skip_start=num_steps // 10)}
-    if acc.is_main_process:
-        out = Path(trainer.cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "lr_find.json", result)
-        plot(result, out / "lr_find.png")
-    acc.wait_for_everyone()
-    return result
+    return {"lrs": lrs, "losses": losses, "smoothed": smoothed,
+            "suggestions": suggestions(lrs, smoothed, skip_start=num_steps // 10)}
+
+
+def write(result: dict, out: Path) -> None:
+    """``out/lr_find.json`` and ``out/lr_find.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "lr_find.json", result)
+    plot(result, out / "lr_find.png")
 
 
 def plot(result: dict, path: Path) -> None:

@@ -5,8 +5,9 @@ The arithmetic is the ZeRO paper's (Rajbhandari et al. 2020, sec. 3, Figure 1: Î
 N = 64, mixed-precision Adam gives 120 / 31.4 / 16.6 / 1.9 GB for DDP / stages 1, 2, 3),
 with the choices DeepSpeed 0.19.8 makes (``runtime/zero/stage_1_and_2.py``, ``stage3.py``):
 
-- one process / DDP: Accelerate's mixed precision is autocast, so weights, gradients and
-  optimizer states stay fp32 whatever ``precision`` says.
+- DDP (one process is ``ddp`` at world 1, as :mod:`toolkit.strategy` names it): Accelerate's
+  mixed precision is autocast, so weights, gradients and optimizer states stay fp32
+  whatever ``precision`` says.
 - ZeRO casts the model to 16 bits under bf16/fp16 and steps an fp32 *master* partition.
   Stages 1-2 clone that partition even in fp32, and so does offload; only stage 3 in fp32
   on the device steps the parameters' own partition.
@@ -23,11 +24,11 @@ from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
 
+from toolkit.distributed import PRECISIONS, Precision
 from toolkit.errors import UserError
+from toolkit.optim import OPTIMIZERS, OptimizerName
+from toolkit.strategy import CONCRETE, Concrete
 
-STRATEGIES = ("single", "ddp", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload")
-PRECISIONS = ("fp32", "bf16", "fp16")
-OPTIMIZERS = ("adamw", "adam", "sgd")
 # The names torch gives each state, so estimates compare key by key with
 # ``toolkit.strategy.optimizer_state_bytes``.
 STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
@@ -36,7 +37,7 @@ PLACES = ("device", "cpu")
 MODELS = ("awd-lstm", "awd-qrnn")
 
 NOTES = (
-    "single/ddp: bf16/fp16 is autocast, so weights, gradients and states stay fp32. ZeRO keeps "
+    "ddp: bf16/fp16 is autocast, so weights, gradients and states stay fp32. ZeRO keeps "
     "bf16/fp16 weights and gradients and steps an fp32 master copy (stages 1-2 and offload "
     "clone it in fp32 too).",
     "Not counted: activations, the CUDA context, temporary buffers (DDP's gradient buckets, "
@@ -48,7 +49,7 @@ NOTES = (
 )
 
 
-def state_names(optimizer: str, amsgrad: bool) -> tuple[str, ...]:
+def state_names(optimizer: OptimizerName, amsgrad: bool) -> tuple[str, ...]:
     """The per-parameter fp32 states ``optimizer`` keeps (SGD: with momentum, as the toolkit's)."""
     if optimizer == "sgd":
         return ("momentum_buffer",)
@@ -59,8 +60,8 @@ def check(n_params: int, strategy: str, world: int, precision: str, optimizer: s
           amsgrad: bool) -> None:
     if isinstance(n_params, bool) or not isinstance(n_params, int) or n_params < 1:
         raise UserError(f"params={n_params!r} must be a whole number >= 1")
-    if strategy not in STRATEGIES:
-        raise UserError(f"strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+    if strategy not in CONCRETE:
+        raise UserError(f"strategy {strategy!r} is unknown; choose one of {', '.join(CONCRETE)}")
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise UserError(f"world={world!r} must be a whole number >= 1 (processes)")
     if precision not in PRECISIONS:
@@ -71,16 +72,17 @@ def check(n_params: int, strategy: str, world: int, precision: str, optimizer: s
         raise UserError("amsgrad is an Adam/AdamW option; drop it with optimizer sgd")
 
 
-def estimate(n_params: int, strategy: str, world: int = 1, precision: str = "fp32",
-             optimizer: str = "adamw", amsgrad: bool = False) -> dict[str, int]:
+def estimate(n_params: int, strategy: Concrete, world: int = 1, precision: Precision = "fp32",
+             optimizer: OptimizerName = "adamw", amsgrad: bool = False) -> dict[str, int]:
     """Bytes each process holds, keyed ``"device.<category>"`` and ``"cpu.<category>"`` for
     every category in :data:`CATEGORIES`, plus ``"device.total"`` and ``"cpu.total"``.
 
-    ``single`` is one process whatever ``world`` says. Defaults: fp32 AdamW without AMSGrad.
+    ``ddp`` holds as much in each process whatever ``world`` says (one process: ``world=1``).
+    Defaults: fp32 AdamW without AMSGrad.
     """
     check(n_params, strategy, world, precision, optimizer, amsgrad)
     out = {f"{place}.{c}": 0 for place in PLACES for c in CATEGORIES}
-    if strategy in ("single", "ddp"):
+    if strategy == "ddp":
         # Every process holds everything, in fp32 (autocast only touches activations).
         out["device.params"] = out["device.grads"] = 4 * n_params
         for s in state_names(optimizer, amsgrad):
@@ -144,13 +146,14 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
-def table(n_params: int, world: int = 1, precision: str = "fp32", optimizer: str = "adamw",
-          amsgrad: bool = False, strategies: tuple[str, ...] = STRATEGIES) -> str:
+def table(n_params: int, world: int = 1, precision: Precision = "fp32",
+          optimizer: OptimizerName = "adamw", amsgrad: bool = False,
+          strategies: tuple[str, ...] = CONCRETE) -> str:
     """The report ``toolkit memory`` prints: one table per place, a row per strategy."""
     rows = {s: estimate(n_params, s, world, precision, optimizer, amsgrad) for s in strategies}
     label = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD with momentum"}[optimizer]
     lines = [f"Model states of {n_params:,} parameters, world {world}, {precision}, {label}"
-             f"{' + AMSGrad' if amsgrad else ''}: bytes per process (single: one process)"]
+             f"{' + AMSGrad' if amsgrad else ''}: bytes per process (one process: the ddp row)"]
     titles = {"device": "Per device (GPU/accelerator memory)",
               "cpu": "Per process, CPU memory (offload)"}
     for place in PLACES:

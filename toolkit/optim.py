@@ -19,15 +19,15 @@ from __future__ import annotations
 import math
 import types
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 OptimizerName = Literal["adamw", "adam", "sgd"]
 Impl = Literal["auto", "fused", "foreach", "forloop", "compiled"]
-OPTIMIZERS = ("adamw", "adam", "sgd")
-IMPLS = ("auto", "fused", "foreach", "forloop", "compiled")
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+IMPLS: tuple[str, ...] = get_args(Impl)
 
 # Normalization layers whose weights are scales, not features: decaying them to 0 hurts.
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -52,7 +52,8 @@ def param_groups(
     layer_groups: Sequence[nn.Module] | None = None,
     lr_mults: Sequence[float] | None = None,
 ) -> list[dict]:
-    """Parameter groups with an ``lr_mult`` and a ``weight_decay`` each.
+    """Parameter groups with an ``lr_mult``, a ``weight_decay``, their ``layer_group`` index
+    and whether they ``decay`` each.
 
     ``layer_groups`` splits the model into consecutive parts (for discriminative learning
     rates, the post's Stanford Cars run used ``lr_mults=(1/9, 1/3, 1)``); parameters not in
@@ -72,12 +73,13 @@ def param_groups(
     if len(mults) != len(parts):
         raise ValueError(f"lr_mults has {len(mults)} values for {len(parts)} layer groups")
     groups = []
-    for part, mult in zip(parts, mults):
+    for index, (part, mult) in enumerate(zip(parts, mults)):
         decay = [named[n] for n in part if n not in skip and named[n].requires_grad]
         no_decay = [named[n] for n in part if n in skip and named[n].requires_grad]
         for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
             if params:
-                groups.append({"params": params, "weight_decay": wd, "lr_mult": mult})
+                groups.append({"params": params, "weight_decay": wd, "lr_mult": mult,
+                               "layer_group": index, "decay": params is decay})
     return groups
 
 

@@ -14,23 +14,21 @@ from collections.abc import Iterator
 
 import torch
 
+from toolkit.distributed import micro_batch
+
 
 class GlobalBatchSampler:
     """Batch sampler yielding this rank's micro-batches, from any optimizer step on."""
 
     def __init__(self, num_examples: int, batch_size: int, *, world: int = 1, rank: int = 0,
                  accum: int = 1, shuffle: bool = True, seed: int = 0):
-        parts = world * accum
-        if batch_size < 1 or batch_size % parts:
-            raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
-                             f"processes x grad_accum = {world} x {accum} = {parts}")
+        self.micro = micro_batch(batch_size, world, accum)
         if num_examples < batch_size:
             raise ValueError(f"batch_size={batch_size} is larger than the {num_examples} "
                              "training examples")
         self.num_examples, self.batch_size = num_examples, batch_size
         self.world, self.rank, self.accum = world, rank, accum
         self.shuffle, self.seed = shuffle, seed
-        self.micro = batch_size // parts
         self.epoch, self.start = 0, 0
 
     @property

@@ -119,6 +119,12 @@ class OneCycle(LRScheduler):
         super().step()
         self._write_beta1()
 
+    def scale_current(self, factor: float) -> None:
+        """Scale the lr of the optimizer step about to be taken by ``factor`` (salesforce
+        AWD-LSTM's ``seq_len / bptt``); the next :meth:`step` writes the schedule's own value."""
+        for group, lr in zip(self.optimizer.param_groups, self.get_last_lr()):
+            set_lr(group, lr * factor)
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the step and write its lr and beta1 into the optimizer: the schedule is
         a function of the step, whatever state the optimizer's groups were loaded with."""

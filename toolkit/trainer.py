@@ -2,9 +2,11 @@
 
 The loop: forward, loss, backward, clip, optimizer step, 1cycle step, zero grad, with
 gradient accumulation, bf16/fp16, evaluation, ``metrics.jsonl`` + TensorBoard, a progress
-bar on the main process, atomic checkpoints and exact resume. Extend it by subclassing and
-overriding :meth:`Trainer.train_step` (returns the loss of a micro-batch) and
-:meth:`Trainer.eval_step` (returns sums to average over the evaluation set).
+bar on the main process, atomic checkpoints and exact resume. Data is any object of the
+protocol of :mod:`toolkit.data.source` (the trainer shards it once the accelerator exists
+and never asks its type). Extend the trainer by subclassing and overriding
+:meth:`Trainer.train_step` (returns the loss of a micro-batch) and :meth:`Trainer.eval_step`
+(returns sums to average over the evaluation set).
 
 Why the schedule is not ``accelerator.prepare``d: a prepared scheduler steps
 ``num_processes`` times per optimizer step and mis-steps under accumulation (accelerate
@@ -14,86 +16,114 @@ order (:mod:`toolkit.sampler`) so that resume is exact mid-epoch (accelerate #20
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import json
 import math
+import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType, send_to_device
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from toolkit import checkpoint, lifecycle, strategy
+from toolkit import batchnorm, checkpoint, lifecycle, lr_finder, strategy, zero
 from toolkit.config import OptimConfig, ScheduleConfig, TrainConfig, write_json
-from toolkit.distributed import all_reduce_sum, make_accelerator
+from toolkit.data.source import Data
+from toolkit.distributed import all_reduce_sum, make_accelerator, micro_batch
 from toolkit.errors import UserError
-from toolkit.sampler import GlobalBatchSampler, ShardSampler
-from toolkit.schedule import beta1_of
+from toolkit.schedule import beta1_of, set_lr
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def batches(dataset: Dataset, sampler):
-    """Micro-batches of ``dataset`` in ``sampler``'s order (tensor datasets indexed at once)."""
-    if isinstance(dataset, TensorDataset):
-        for idx in sampler:
-            yield tuple(t[idx] for t in dataset.tensors)
-    else:
-        yield from DataLoader(dataset, batch_sampler=sampler, num_workers=0)
+@dataclass
+class Stage:
+    """One cycle of a run: ``epochs`` of a 1cycle ``schedule`` with a fresh ``optim``
+    (fastai 0.7's ``fit_opt_sched`` built an optimizer per call), training the layer groups
+    ``train_groups`` (indices; None: all) while the others are frozen. The post's Stanford
+    Cars run: 20 epochs of the head at 1e-2, then 40 of everything at 3e-3 x (1/9, 1/3, 1).
+    """
+
+    epochs: int
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    train_groups: tuple[int, ...] | None = None
+
+
+class _CurrentSchedule:
+    """What a checkpoint holds of the schedule: the current stage's (its step)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        return self.trainer.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.scheduler.load_state_dict(state)
 
 
 class Trainer:
-    """Train ``model`` on ``train_data`` with the optimizer and 1cycle of the configs.
+    """Train ``model`` on ``train_data`` with the optimizer and 1cycle of the configs, or
+    through a list of ``stages`` (one folder, one ``metrics.jsonl`` with a ``stage`` field,
+    resumable at any step of any stage).
 
     ``layer_groups`` (a list of modules) with ``optim.lr_mults`` gives discriminative
-    learning rates. Build the model after seeding (``torch.manual_seed(train.seed)``) so
-    every rank starts from the same weights.
+    learning rates, and is what a stage's ``train_groups`` counts. Build the model after
+    seeding (``torch.manual_seed(train.seed)``) so every rank starts from the same weights.
     """
 
-    def __init__(self, model: nn.Module, train_data: Dataset, eval_data: Dataset | None = None,
-                 *, train: TrainConfig, optim: OptimConfig, schedule: ScheduleConfig,
-                 config: dict | None = None, layer_groups: list[nn.Module] | None = None):
-        self.cfg, self.config = train, config
+    def __init__(self, model: nn.Module, train_data: Data, eval_data: Data | None = None,
+                 *, train: TrainConfig, optim: OptimConfig | None = None,
+                 schedule: ScheduleConfig | None = None, stages: list[Stage] | None = None,
+                 recipe_config: dict | None = None, layer_groups: list[nn.Module] | None = None):
+        # train_cfg: the run's TrainConfig; recipe_config: the whole recipe config, as written
+        # to config.json.
+        self.train_cfg, self.recipe_config = train, recipe_config
         self.out = Path(train.output_dir)
-        optim.check_layer_groups(len(layer_groups) if layer_groups else 1)
+        self.stages = list(stages) if stages else [Stage(train.epochs, optim, schedule)]
+        check_stages(self.stages, len(layer_groups) if layer_groups else 1)
         if lifecycle.launched():
             lifecycle.exit_with_launcher()
         acc, self.strategy = make_accelerator(
             train.strategy, train.deepspeed_config, batch_size=train.batch_size,
             grad_accum=train.grad_accum, clip=train.clip, precision=train.precision,
-            project_dir=self.out)
+            project_dir=self.out,
+            find_unused_parameters=any(s.train_groups is not None for s in self.stages))
         self.accelerator = acc
-        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         world, rank = acc.num_processes, acc.process_index
-        self.micro_batch = train.batch_size // (world * train.grad_accum)
-        self.train_data, self.eval_data = train_data, eval_data
-        self.sampler = self.eval_sampler = None
-        if isinstance(train_data, Dataset):  # map-style: the toolkit's global-batch order
-            self.sampler = GlobalBatchSampler(len(train_data), train.batch_size, world=world,
-                                              rank=rank, accum=train.grad_accum, seed=train.seed)
-        if isinstance(eval_data, Dataset):
-            if len(eval_data) < world:
-                raise UserError(f"the evaluation set has {len(eval_data)} examples for {world} "
-                                "processes; it needs at least one per process")
-            self.eval_sampler = ShardSampler(len(eval_data), self.micro_batch * train.grad_accum,
-                                             world=world, rank=rank)
-        self.total_steps = self.count_steps()
+        self.micro_batch = micro_batch(train.batch_size, world, train.grad_accum)
+        shard = dict(batch_size=train.batch_size, world=world, rank=rank, device=acc.device)
+        self.train_data = train_data.shard(accum=train.grad_accum, **shard)
+        self.eval_data = None if eval_data is None else eval_data.shard(accum=1, **shard)
+        # Stage i runs steps [ends[i-1], ends[i]); one stage's cycle spans max_steps.
+        self.stage_ends = list(itertools.accumulate(s.epochs for s in self.stages))
+        self.stage_ends = [self.train_data.steps(e) for e in self.stage_ends]
+        self.total_steps = self.stage_ends[-1]
         if train.max_steps is not None:
             self.total_steps = min(self.total_steps, train.max_steps)
-        optimizer = optim.build(model, layer_groups)
+        if len(self.stages) == 1:
+            self.stage_ends = [self.total_steps]
+        if train.sync_batchnorm:
+            model = batchnorm.sync_batchnorm(model)
+        optimizer = self.stages[0].optim.build(model, layer_groups)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        checkpoint.any_world(self.model)
-        # The schedule drives the torch optimizer that really steps (inside DeepSpeed's
-        # ZeRO wrapper, if any), once per optimizer step.
-        self.scheduler = schedule.build(strategy.torch_optimizer(self.optimizer),
-                                        self.total_steps)
-        acc.register_for_checkpointing(self.scheduler)
+        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed and len(self.stages) > 1:
+            raise UserError(f"a run of {len(self.stages)} stages needs a fresh optimizer per "
+                            "stage, which a DeepSpeed engine cannot take: use --strategy ddp")
+        zero.any_world(self.model)
+        self.stage = -1
+        self.enter_stage(0)
+        acc.register_for_checkpointing(_CurrentSchedule(self))
         # Dropout streams differ per rank; weights were seeded identically by the caller.
         torch.manual_seed(train.seed + 1_000_003 * rank)
         self.step = 0
@@ -114,23 +144,6 @@ class Trainer:
                 "accuracy": (logits.argmax(-1) == targets).sum(),
                 "count": torch.tensor(len(targets))}
 
-    # ---- data position: override all three for data that is not a map-style dataset ----
-    def count_steps(self) -> int:
-        """Optimizer steps in ``epochs`` epochs (before ``max_steps``)."""
-        return self.cfg.epochs * self.sampler.steps_per_epoch
-
-    def epoch_at(self, step: int) -> float:
-        """Epochs done after ``step`` optimizer steps (whole at epoch ends)."""
-        return step / self.sampler.steps_per_epoch
-
-    def train_batches(self):
-        """This rank's micro-batches from the current step on, across epochs, forever."""
-        epoch, k = divmod(self.step, self.sampler.steps_per_epoch)
-        while True:
-            self.sampler.set_position(epoch, k)
-            yield from batches(self.train_data, self.sampler)
-            epoch, k = epoch + 1, 0
-
     # ---- per-rank state a subclass carries across steps (an RNN's hidden state) --------
     def extra_state(self) -> dict:
         """Saved in this rank's checkpoint file."""
@@ -144,24 +157,49 @@ class Trainer:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    def unwrapped(self) -> nn.Module:
+        """The model without its DDP/DeepSpeed wrapper."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def epoch_at(self, step: int) -> float:
+        return self.train_data.epoch_at(step)
+
+    def stage_at(self, step: int) -> int:
+        """The stage that takes optimizer step ``step + 1`` (the last one at the end)."""
+        return min(bisect.bisect_right(self.stage_ends, step), len(self.stages) - 1)
+
+    def enter_stage(self, index: int) -> None:
+        """Set up stage ``index`` at its first step: a fresh optimizer state, the stage's
+        hyperparameters in every group, its frozen layers and its 1cycle. The schedule drives
+        the torch optimizer that really steps (inside DeepSpeed's wrapper, if any)."""
+        if index == self.stage:
+            return
+        stage, inner = self.stages[index], strategy.torch_optimizer(self.optimizer)
+        inner.state.clear()
+        mults = stage.optim.lr_mults or (1.0,) * (1 + max(g["layer_group"]
+                                                          for g in inner.param_groups))
+        for group in inner.param_groups:
+            stage.optim.write_hparams(group, mults[group["layer_group"]])
+            trains = stage.train_groups is None or group["layer_group"] in stage.train_groups
+            for p in group["params"]:
+                p.requires_grad_(trains)
+        start = self.stage_ends[index - 1] if index else 0
+        self.scheduler = stage.schedule.build(inner, self.stage_ends[index] - start)
+        self.stage = index
+
     def print(self, *args) -> None:
         self.accelerator.print(*args)
 
     def optimizer_step(self, it, step_schedule: bool = True) -> torch.Tensor:
         """Accumulate ``grad_accum`` micro-batches from ``it``, clip, step; mean loss."""
-        acc, accum = self.accelerator, self.cfg.grad_accum
+        acc, accum = self.accelerator, self.train_cfg.grad_accum
         total = torch.zeros((), device=acc.device)
         for a in range(accum):
             batch = send_to_device(next(it), acc.device)
             last = a == accum - 1
             if self.deepspeed:
-                # The engine divides by its gradient_accumulation_steps (= grad_accum),
-                # reduces at the boundary, clips (its gradient_clipping) and steps there.
                 loss = self.train_step(batch)
-                self.model.set_gradient_accumulation_boundary(last)
-                self.model.backward(loss)
-                if last:
-                    self.model.step()
+                zero.backward_and_step(self.model, loss, last)
             else:
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 with contextlib.nullcontext() if last else acc.no_sync(self.model):
@@ -169,8 +207,8 @@ class Trainer:
                     acc.backward(loss / accum)
             total += loss.detach().float()
         if not self.deepspeed:
-            if self.cfg.clip is not None:
-                acc.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+            if self.train_cfg.clip is not None:
+                acc.clip_grad_norm_(self.model.parameters(), self.train_cfg.clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if step_schedule:
@@ -183,7 +221,7 @@ class Trainer:
             return {}
         self.model.eval()
         sums: dict[str, torch.Tensor] = {}
-        for batch in batches(self.eval_data, self.eval_sampler):
+        for batch in self.eval_data.eval_batches():
             batch = send_to_device(batch, self.accelerator.device)
             for k, v in self.eval_step(batch).items():
                 sums[k] = sums.get(k, 0) + v.detach().double().cpu()
@@ -228,17 +266,19 @@ class Trainer:
         """Check and claim the output folder, resume if asked, write config.json, open
         trackers."""
         ckpt_dir = self.out / "checkpoints"
-        checkpoint.candidates(self.cfg.resume, ckpt_dir)  # a bad --resume path: before any write
-        if self.cfg.resume is None and (checkpoint.list_checkpoints(ckpt_dir)
+        checkpoint.candidates(self.train_cfg.resume, ckpt_dir)  # a bad --resume path: before any write
+        if self.train_cfg.resume is None and (checkpoint.list_checkpoints(ckpt_dir)
                                         or (self.out / "metrics.jsonl").exists()):
             raise UserError(f"--output-dir {self.out} already holds a run; pass --resume auto "
                             "to continue it, or choose another --output-dir")
         self.claim_output_dir()
-        resume = checkpoint.resume_point(self.accelerator, self.cfg.resume, ckpt_dir)
-        if self.is_main and self.config is not None and resume is None:
-            write_json(self.out / "config.json", self.config)
+        resume = checkpoint.resume_point(self.accelerator, self.train_cfg.resume, ckpt_dir)
+        if self.is_main and self.recipe_config is not None and resume is None:
+            write_json(self.out / "config.json", self.recipe_config)
         self.accelerator.wait_for_everyone()
         if resume is not None:
+            # The stage first: the checkpoint holds that stage's optimizer and schedule.
+            self.enter_stage(self.stage_at(checkpoint.read_marker(resume)["step"]))
             state = checkpoint.load(self.accelerator, resume)
             self.step = state["step"]
             self._saved = (self.step, resume)  # no second save of the same step
@@ -253,8 +293,8 @@ class Trainer:
         self.print(f"training {self.total_steps} steps ({self.epochs_str()}) on "
                    f"{acc.num_processes} process(es), {acc.distributed_type.value} "
                    f"({self.strategy}), "
-                   f"{acc.device}, {self.cfg.precision}; global batch {self.cfg.batch_size} = "
-                   f"{acc.num_processes} x {self.cfg.grad_accum} x {self.micro_batch}; "
+                   f"{acc.device}, {self.train_cfg.precision}; global batch {self.train_cfg.batch_size} = "
+                   f"{acc.num_processes} x {self.train_cfg.grad_accum} x {self.micro_batch}; "
                    f"optimizer {type(opt).__name__} ({getattr(opt, 'impl', '?')}"
                    f"{', amsgrad' if opt.defaults.get('amsgrad') else ''})")
 
@@ -263,7 +303,7 @@ class Trainer:
             path = checkpoint.save(self.accelerator, self.out / "checkpoints", self.step,
                                    {"step": self.step, "total_steps": self.total_steps,
                                     "extra": self.extra_state()},
-                                   self.cfg.keep_checkpoints)
+                                   self.train_cfg.keep_checkpoints)
             self._saved = (self.step, path)
         return self._saved[1]
 
@@ -271,22 +311,25 @@ class Trainer:
         return f"{self.epoch_at(self.total_steps):.3g} epochs"
 
     def fit(self) -> dict:
-        """Train to the end (or to a stop signal); return the final metrics."""
-        cfg, acc = self.cfg, self.accelerator
+        """Train to the end or to a stop signal. Returns ``stopped`` (a signal stopped it,
+        a checkpoint is saved), ``step``, ``checkpoint`` and, when finished, ``epochs``,
+        ``wall_time_s`` and the last train and eval metrics."""
+        cfg, acc = self.train_cfg, self.accelerator
         self.start()
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         started = time.time()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.is_main
                    and cfg.progress), dynamic_ncols=True, desc="train",
                    mininterval=0.1 if sys.stderr.isatty() else 10)
-        it = self.train_batches()
+        it = self.train_data.batches(self.step)
         logged, metrics = torch.zeros(2, dtype=torch.float64), {}
         self.model.train()
         try:
             while self.step < self.total_steps:
-                schedule = self.lr_and_beta1()
+                schedule = {"stage": self.stage, **self.lr_and_beta1()}
                 loss = self.optimizer_step(it)
                 self.step += 1
+                self.enter_stage(self.stage_at(self.step))  # before a checkpoint of this step
                 # One small all-reduce per step: the global loss, and collective decisions
                 # on a non-finite loss and on a stop signal (every rank must agree).
                 flags = all_reduce_sum(torch.tensor(
@@ -310,7 +353,7 @@ class Trainer:
                     evaluated = self.evaluate()
                     metrics.update(evaluated)
                     if evaluated:
-                        self.log({"step": self.step,
+                        self.log({"step": self.step, "stage": schedule["stage"],
                                   "epoch": round(self.epoch_at(self.step), 4), **evaluated})
                         if self.is_main:
                             bar.write(f"step {self.step}: " + " ".join(
@@ -324,20 +367,54 @@ class Trainer:
                     self.print(f"received {name}: saved {path} at step {self.step}/"
                                f"{self.total_steps}; resume with the same command and "
                                "--resume auto")
-                    return {"stopped": True, "step": self.step}
+                    return {"stopped": True, "step": self.step, "checkpoint": str(path)}
         finally:
             bar.close()
             for s, h in previous.items():
                 signal.signal(s, h)
         path = self.save()
-        results = {"step": self.step, "epochs": round(self.epoch_at(self.step), 4),
-                   "wall_time_s": round(time.time() - started, 2), "checkpoint": str(path),
-                   **metrics}
+        return {"stopped": False, "step": self.step, "epochs": round(self.epoch_at(self.step), 4),
+                "wall_time_s": round(time.time() - started, 2), "checkpoint": str(path),
+                **metrics}
+
+    def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100,
+                smooth: float = 0.98, stop_div: float = 4.0) -> dict:
+        """LR range test (:mod:`toolkit.lr_finder`): sweep the max lr from ``start_lr`` to
+        ``end_lr`` through this trainer's own step, write ``lr_find.json``/``.png``, and
+        leave the trainer exactly as it was. Collective. Groups keep their lr ratios."""
+        lr_finder.check_sweep(start_lr, end_lr, num_steps)
+        self.claim_output_dir()
+        acc, opt = self.accelerator, self.scheduler.optimizer
+        # Snapshot through Accelerate's state saving: the one way that also restores ZeRO
+        # shards, DeepSpeed's counters and the loss scaler. Collective, like the sweep.
+        snapshot = self.out / ".lr_find_state"
         if self.is_main:
-            write_json(self.out / "results.json", results)
-        for tracker in acc.trackers:
-            tracker.finish()
-        return results
+            shutil.rmtree(snapshot, ignore_errors=True)
+            snapshot.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(snapshot))
+        saved_rng, saved_step = checkpoint.rng_state(), self.step
+        top = max(self.scheduler.base_lrs)
+        ratios = [b / top for b in self.scheduler.base_lrs]
+        it = self.train_data.batches(self.step)
+        self.model.train()
+
+        def step(lr: float) -> float:
+            for group, r in zip(opt.param_groups, ratios):
+                set_lr(group, lr * r)
+            loss = all_reduce_sum(self.optimizer_step(it, step_schedule=False).double())
+            return loss.item() / acc.num_processes
+
+        result = lr_finder.sweep(step, start_lr, end_lr, num_steps, smooth, stop_div)
+        acc.load_state(str(snapshot))
+        checkpoint.set_rng_state(saved_rng)
+        self.step = saved_step
+        acc.wait_for_everyone()
+        if self.is_main:
+            shutil.rmtree(snapshot)
+            lr_finder.write(result, self.out)
+        acc.wait_for_everyone()
+        return result
 
     def close(self) -> None:
         """End the run: finish trackers, leave the process group (no collectives after) and
@@ -346,3 +423,21 @@ class Trainer:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def check_stages(stages: list[Stage], layer_groups: int) -> None:
+    """One line for a stage the run cannot take (before anything runs)."""
+    first = stages[0].optim
+    for i, stage in enumerate(stages):
+        if stage.epochs < 1:
+            raise UserError(f"stage {i} has {stage.epochs} epochs; each stage needs >= 1")
+        stage.optim.check_layer_groups(layer_groups)
+        if (stage.optim.name, stage.optim.amsgrad, stage.optim.impl) != \
+                (first.name, first.amsgrad, first.impl):
+            raise UserError(f"stage {i} uses {stage.optim.name} (amsgrad {stage.optim.amsgrad}, "
+                            f"{stage.optim.impl}) and stage 0 {first.name} (amsgrad "
+                            f"{first.amsgrad}, {first.impl}): the stages of a run share them")
+        bad = [g for g in stage.train_groups or () if not 0 <= g < layer_groups]
+        if bad or stage.train_groups == ():
+            raise UserError(f"stage {i} trains layer groups {stage.train_groups}; the model has "
+                            f"{layer_groups} (0..{layer_groups - 1}), name at least one")

@@ -19,11 +19,11 @@ evaluation (fixed length), sharded by columns over processes.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import itertools
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +32,8 @@ from typing import Literal
 
 import torch
 
+from toolkit.atomic import write_atomic
+from toolkit.distributed import micro_batch
 from toolkit.errors import UserError
 
 SPLITS = ("train", "valid", "test")
@@ -226,21 +228,6 @@ def fingerprint(lines: dict[str, list[str]], tokenizer: str, vocab_size: int | N
     return h.hexdigest()
 
 
-def save_atomic(obj: dict, path: Path) -> None:
-    """Write to a temp file in the same folder, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # several ranks may race here: each rename is whole, all equal
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_wikitext2(data_dir: str | Path | None = None, *, tokenizer: str = "word",
                    vocab_size: int | None = None, cache_dir: str | Path | None = None,
                    use_cache: bool = True, hf_config: str = "wikitext-2-v1") -> Corpus:
@@ -274,9 +261,11 @@ def load_wikitext2(data_dir: str | Path | None = None, *, tokenizer: str = "word
         return Corpus(state["train"], state["valid"], state["test"], state["vocab"],
                       state["tokenizer"], state["sp_model"])
     corpus = tokenize(lines, tokenizer, vocab_size)
-    save_atomic({"key": key, "train": corpus.train, "valid": corpus.valid, "test": corpus.test,
-                 "vocab": corpus.vocab, "tokenizer": tokenizer, "sp_model": corpus.sp_model},
-                path)
+    state = {"key": key, "train": corpus.train, "valid": corpus.valid, "test": corpus.test,
+             "vocab": corpus.vocab, "tokenizer": tokenizer, "sp_model": corpus.sp_model}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Several ranks may race here: each rename is whole, and all write the same bytes.
+    write_atomic(path, lambda f: torch.save(state, f))
     return corpus
 
 
@@ -297,13 +286,9 @@ def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 def shard_columns(data: torch.Tensor, world: int, rank: int) -> torch.Tensor:
     """Rank ``rank``'s ``bs // world`` contiguous columns, so the global batch stays ``bs``."""
-    bs = data.size(1)
-    if bs % world:
-        raise UserError(f"batch size {bs} is not a multiple of the {world} processes; "
-                        f"use a multiple of {world}")
+    per = micro_batch(data.size(1), world)  # a language model accumulates nothing
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside 0..{world - 1}")
-    per = bs // world
     return data[:, rank * per:(rank + 1) * per].contiguous()
 
 
@@ -417,3 +402,58 @@ class BPTTStream:
         for seq_len in lens[start_batch:]:
             yield self.data[i:i + seq_len], self.data[i + 1:i + 1 + seq_len], seq_len
             i += seq_len
+
+
+class BPTTData:
+    """A token stream as trainer data (the protocol of :mod:`toolkit.data.source`): one
+    optimizer step per BPTT batch of :class:`BPTTStream`.
+
+    The global batch is ``batch_size`` columns (AWD's ``batchify``); rank ``r`` takes its
+    ``batch_size // world`` of them, and with ``accum`` accumulation steps those are split
+    again into ``accum`` groups, micro-batch ``a`` being part ``a * world + r`` of
+    ``world * accum`` (as :class:`~toolkit.sampler.GlobalBatchSampler` does for examples):
+    the same columns and rows make one step for any number of processes and accumulation
+    steps. A micro-batch is ``(inputs, targets, seq_len, first_of_epoch, part)``; a language
+    model keeps one hidden state per ``part``. ``batch_size`` given here (evaluation: AWD's 10
+    columns) overrides the trainer's.
+    """
+
+    def __init__(self, ids: torch.Tensor, bptt: int = 70, *, variable: bool = True,
+                 seed: int = 0, batching: Batching = "salesforce", batch_size: int | None = None):
+        self.ids, self.bptt, self.variable = ids, bptt, variable
+        self.seed, self.batching, self.batch_size = seed, batching, batch_size
+        self.streams: list[BPTTStream] = []
+
+    def shard(self, *, batch_size: int, world: int, rank: int, accum: int,
+              device: torch.device) -> BPTTData:
+        view = copy.copy(self)
+        columns = self.batch_size or batch_size
+        view.streams = [BPTTStream(self.ids, columns, self.bptt, variable=self.variable,
+                                   world=world * accum, rank=a * world + rank, seed=self.seed,
+                                   batching=self.batching) for a in range(accum)]
+        for s in view.streams:
+            s.data = s.data.to(device)
+        return view
+
+    def steps(self, epochs: int) -> int:
+        return self.streams[0].total_batches(epochs)
+
+    def epoch_at(self, step: int) -> float:
+        epoch, k = self.streams[0].locate(step)
+        return epoch + k / self.streams[0].num_batches(epoch)
+
+    def lr_factor(self, seq_len: int) -> float:
+        return self.streams[0].lr_factor(seq_len)
+
+    def batches(self, step: int) -> Iterator[tuple]:
+        epoch, k = self.streams[0].locate(step)
+        while True:
+            parts = zip(*(s.batches(epoch, k) for s in self.streams))
+            for i, micro in enumerate(parts, start=k):
+                for a, (x, y, seq_len) in enumerate(micro):
+                    yield x, y, seq_len, i == 0, a
+            epoch, k = epoch + 1, 0
+
+    def eval_batches(self) -> Iterator[tuple]:
+        for i, (x, y, seq_len) in enumerate(self.streams[0].batches()):
+            yield x, y, seq_len, i == 0, 0

@@ -1,0 +1,85 @@
+"""The one entry of every recipe: a recipe is its config, its presets and a ``build``.
+
+    if __name__ == "__main__":
+        recipe.main(PRESETS, build, __doc__)
+
+:func:`main` parses and validates the command line (``--preset`` then any field), seeds,
+calls ``build(cfg)`` for a :class:`Run` (the trainer and an optional final evaluation),
+runs the LR range test (``--lr-find``) or the fit, then the final evaluation (the cache
+pointer, test-time augmentation), writes ``results.json`` once, closes the trackers and the
+process group, and exits with one of:
+
+- ``0`` (:data:`FINISHED`): the run is done;
+- ``2`` (:data:`BAD_INPUT`): a bad value, missing data, a damaged checkpoint, a full disk,
+  a non-finite loss: one ``error:`` line says what;
+- ``75`` (:data:`STOPPED`, ``EX_TEMPFAIL``): stopped by SIGTERM/SIGUSR1 with a checkpoint
+  saved: run the same command with ``--resume auto`` to go on (what a Slurm requeue script
+  keys on). ``torchrun`` and ``accelerate launch`` report a worker's non-zero exit as their
+  own failure (exit 1, the worker's code in their summary).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from toolkit.config import parse, write_json
+from toolkit.errors import UserError, error_line
+from toolkit.trainer import Trainer
+
+FINISHED, BAD_INPUT, STOPPED = 0, 2, 75
+
+
+@dataclass
+class Run:
+    """What a recipe's ``build(cfg)`` returns."""
+
+    trainer: Trainer
+    final_evaluation: Callable[[], dict] | None = None
+    """After a finished fit: more results (e.g. test perplexity with the cache pointer)."""
+    summary: Callable[[dict], str] | None = None
+    """The line printed at the end, from the results."""
+
+
+def execute(run: Run, lr_find: bool) -> int:
+    """LR range test or fit, final evaluation, ``results.json``; the exit code."""
+    trainer = run.trainer
+    try:
+        if lr_find:
+            result = trainer.lr_find()
+            trainer.print(f"lr_find suggestions: {result['suggestions']} "
+                          f"(plot: {trainer.out / 'lr_find.png'})")
+            return FINISHED
+        results = trainer.fit()
+        if results.pop("stopped"):
+            return STOPPED
+        if run.final_evaluation is not None:
+            results.update(run.final_evaluation())
+        write_results(trainer, results)
+        if run.summary is not None:
+            trainer.print(run.summary(results))
+        return FINISHED
+    finally:
+        trainer.close()
+
+
+def write_results(trainer: Trainer, results: dict) -> None:
+    if trainer.is_main:
+        write_json(trainer.out / "results.json", results)
+
+
+def main(presets: Mapping[str, Callable], build: Callable[..., Run],
+         description: str | None = None, argv: list[str] | None = None) -> None:
+    """Parse, seed, build, train (or find the lr), evaluate, write, close; exit 0, 2 or 75."""
+    try:
+        cfg = parse(presets, argv, description=(description or "").strip().splitlines()[0]
+                    if description else None)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        code = execute(build(cfg), cfg.train.lr_find)
+    except UserError as e:
+        error_line(e)
+        code = BAD_INPUT
+    sys.exit(code)
