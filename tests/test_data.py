@@ -148,3 +148,21 @@ def test_making_a_loader_leaves_the_global_rng_alone():
 def test_tensors_of_different_lengths_are_refused():
     with pytest.raises(ValueError, match="one length"):
         DeviceTensors(torch.zeros(3), torch.zeros(4))
+
+
+def test_loader_with_workers_trains_and_resumes_like_device_tensors(tmp_path):
+    """End to end (real processes): the DataLoader kind with 2 workers sees the batches the
+    on-device kind sees, so the runs are equal, and its resume mid-epoch is exact."""
+    from conftest import TINY, dumps, launch
+
+    args = ["--dropout", "0.3", "--epochs", "2", "--checkpoint-every", "7",
+            "--keep-checkpoints", "5"]
+    launch(TINY, [*args, "--output-dir", str(tmp_path / "t"), "--dump", str(tmp_path / "t")])
+    loader = [*args, "--data", "loader", "--workers", "2"]
+    launch(TINY, [*loader, "--output-dir", str(tmp_path / "l"), "--dump", str(tmp_path / "l")])
+    launch(TINY, [*loader, "--output-dir", str(tmp_path / "r"), "--dump", str(tmp_path / "r"),
+                  "--resume", str(tmp_path / "l" / "checkpoints" / "step_7")])
+    t, l, r = (dumps(tmp_path / k, 1)[0] for k in "tlr")
+    assert t["seen"] == l["seen"] and r["seen"] == l["seen"][7:]
+    for k, v in t["params"].items():
+        assert torch.equal(v, l["params"][k]) and torch.equal(v, r["params"][k]), k

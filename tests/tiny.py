@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from toolkit import recipe, strategy
+from toolkit import recipe, strategy, zero
 from toolkit.cli import run
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, parse, to_dict
 from toolkit.data.source import DeviceTensors, Loader
@@ -136,8 +136,10 @@ def main() -> None:
     trainer.close()
     out.pop("rng", None)
     print("RESULT " + json.dumps({"rank": int(os.environ.get("RANK", 0)), **out}), flush=True)
-    if out.get("stopped"):
-        sys.exit(recipe.STOPPED)
+    code = recipe.STOPPED if out.get("stopped") else recipe.FINISHED
+    if trainer.deepspeed:
+        zero.exit_process(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

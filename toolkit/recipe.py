@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from toolkit import zero
 from toolkit.config import parse, write_json
 from toolkit.errors import UserError, error_line
 from toolkit.trainer import Trainer
@@ -74,12 +75,16 @@ def write_results(trainer: Trainer, results: dict) -> None:
 def main(presets: Mapping[str, Callable], build: Callable[..., Run],
          description: str | None = None, argv: list[str] | None = None) -> None:
     """Parse, seed, build, train (or find the lr), evaluate, write, close; exit 0, 2 or 75."""
+    run = None
     try:
         cfg = parse(presets, argv, description=(description or "").strip().splitlines()[0]
                     if description else None)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        code = execute(build(cfg), cfg.train.lr_find)
+        run = build(cfg)
+        code = execute(run, cfg.train.lr_find)
     except UserError as e:
         error_line(e)
         code = BAD_INPUT
+    if run is not None and run.trainer.deepspeed:
+        zero.exit_process(code)
     sys.exit(code)

@@ -177,6 +177,6 @@ class DeviceTensors(_Sharded):
             epoch, k = epoch + 1, 0
 
     def eval_batches(self) -> Iterator[tuple]:
-        for idx in self.eval_sampler:
-            idx = torch.tensor(idx, device=self.device)
+        mine = torch.arange(self.rank, self.num_examples, self.world, device=self.device)
+        for idx in mine.split(self.eval_sampler.batch_size):  # the eval sampler's order
             yield tuple(t[idx] for t in self.tensors)
