@@ -13,8 +13,8 @@ import pytest
 from conftest import ROOT, TINY, env, launch
 from toolkit.plot import plot_run, read_metrics
 
-TRAIN_KEYS = {"step", "epoch", "lr", "beta1", "train_loss"}
-EVAL_KEYS = {"step", "epoch", "valid_loss", "valid_accuracy"}
+TRAIN_KEYS = {"step", "stage", "epoch", "lr", "beta1", "train_loss"}
+EVAL_KEYS = {"step", "stage", "epoch", "valid_loss", "valid_accuracy"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -59,9 +59,11 @@ def final_params(run: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 def hidden(run: Path, step: int, rank: int = 0) -> list:
+    """The rank's hidden state in a checkpoint (one per accumulation part; no accumulation
+    here: part 0)."""
     state = torch.load(run / "checkpoints" / f"step_{step}" / f"trainer_{rank}.pt",
                        weights_only=False)
-    return state["extra"]["hidden"]
+    return state["extra"]["hidden"][0]
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +103,22 @@ def test_two_processes_each_train_their_columns(one_process, tmp_path):
     # Batch size 1 cannot be split: every rank scored the whole stream, main wrote it.
     assert results(run)["test_cache_ppl"] == pytest.approx(
         results(one_process)["test_cache_ppl"], rel=1e-4)
+
+
+def test_accumulation_splits_the_columns_like_processes(one_process, tmp_path):
+    """--grad-accum 2 in one process: two hidden states of 4 columns, which make up the
+    one-step run's 8 columns, and the same training."""
+    run = tmp_path / "accum"
+    launch(WT2, [*TINY, *NO_DROPOUT, "--max-steps", "4", "--grad-accum", "2",
+                 "--output-dir", str(run)])
+    state = torch.load(run / "checkpoints" / "step_4" / "trainer_0.pt", weights_only=False)
+    parts, one = state["extra"]["hidden"], hidden(one_process, 4)
+    assert sorted(parts) == [0, 1] and parts[0][0][0].shape[1] == 4
+    for layer in range(2):
+        for t in range(2):
+            torch.testing.assert_close(torch.cat([parts[0][layer][t], parts[1][layer][t]], 1),
+                                       one[layer][t], rtol=1e-4, atol=1e-5)
+    assert results(run)["valid_ppl"] == pytest.approx(results(one_process)["valid_ppl"], rel=1e-4)
 
 
 def test_resume_mid_epoch_is_exact(tmp_path):
@@ -240,7 +258,7 @@ def test_paper_lstm_epoch_on_the_real_data_is_fastai_297_steps(tmp_path, monkeyp
     trainer = wt2.build_trainer(cfg, wt2.build_model(cfg, corpus.vocab_size), corpus.train,
                                 None)
     try:
-        stream = trainer.stream
+        stream = trainer.train_data.streams[0]
         assert stream.rows == 20_886 and stream.rows // 70 - 1 == 297
         assert [stream.num_batches(e) for e in range(90)] == [297] * 90
         assert trainer.total_steps == 90 * 297
@@ -271,7 +289,7 @@ def test_lr_of_each_step_is_the_schedule_scaled_only_for_salesforce(preset, tmp_
         lambda opt, args, kwargs: seen.append([g["lr"] for g in opt.param_groups]))
     trainer.fit()
     trainer.close()
-    lens = trainer.stream.seq_lens(0)[:6]
+    lens = trainer.train_data.streams[0].seq_lens(0)[:6]
     assert len(set(lens)) > 1  # variable lengths, so a factor would show
     base = trainer.scheduler.base_lrs
     for step, (lrs, seq_len) in enumerate(zip(seen, lens, strict=True)):
