@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from toolkit import recipe, strategy, zero
+from toolkit import lifecycle, recipe, strategy
 from toolkit.cli import run
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, parse, to_dict
 from toolkit.data.source import DeviceTensors, Loader
@@ -137,8 +137,8 @@ def main() -> None:
     out.pop("rng", None)
     print("RESULT " + json.dumps({"rank": int(os.environ.get("RANK", 0)), **out}), flush=True)
     code = recipe.STOPPED if out.get("stopped") else recipe.FINISHED
-    if trainer.deepspeed:
-        zero.exit_process(code)
+    if trainer.deepspeed or trainer.accelerator.num_processes > 1:
+        lifecycle.exit_process(code)
     sys.exit(code)
 
 

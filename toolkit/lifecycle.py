@@ -79,3 +79,17 @@ def exit_with_launcher(poll_s: float = 0.5) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
+
+
+def exit_process(code: int) -> None:
+    """Exit a finished multi-process or DeepSpeed run without the interpreter's teardown.
+
+    Its C++ threads abort it now and then at interpreter exit with "terminate called without
+    an active exception" (SIGABRT), after the run finished, saved and closed: gloo when the
+    last thing a rank did was a collective (a final evaluation; pytorch#179291: 4 of 10
+    two-process launches here) and DeepSpeed 0.19.8's CPU comm op (about 1 in 20 ZeRO
+    launches). Everything is written and closed by then; skip the C++ destructors.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from toolkit import zero
+from toolkit import lifecycle
 from toolkit.config import parse, write_json
 from toolkit.errors import UserError, error_line
 from toolkit.trainer import Trainer
@@ -85,6 +85,6 @@ def main(presets: Mapping[str, Callable], build: Callable[..., Run],
     except UserError as e:
         error_line(e)
         code = BAD_INPUT
-    if run is not None and run.trainer.deepspeed:
-        zero.exit_process(code)
+    if run is not None and (run.trainer.deepspeed or run.trainer.accelerator.num_processes > 1):
+        lifecycle.exit_process(code)
     sys.exit(code)

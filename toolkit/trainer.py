@@ -266,7 +266,8 @@ class Trainer:
         """Check and claim the output folder, resume if asked, write config.json, open
         trackers."""
         ckpt_dir = self.out / "checkpoints"
-        checkpoint.candidates(self.train_cfg.resume, ckpt_dir)  # a bad --resume path: before any write
+        # A bad --resume path is refused before anything is written.
+        checkpoint.candidates(self.train_cfg.resume, ckpt_dir)
         if self.train_cfg.resume is None and (checkpoint.list_checkpoints(ckpt_dir)
                                         or (self.out / "metrics.jsonl").exists()):
             raise UserError(f"--output-dir {self.out} already holds a run; pass --resume auto "
@@ -293,7 +294,8 @@ class Trainer:
         self.print(f"training {self.total_steps} steps ({self.epochs_str()}) on "
                    f"{acc.num_processes} process(es), {acc.distributed_type.value} "
                    f"({self.strategy}), "
-                   f"{acc.device}, {self.train_cfg.precision}; global batch {self.train_cfg.batch_size} = "
+                   f"{acc.device}, {self.train_cfg.precision}; "
+                   f"global batch {self.train_cfg.batch_size} = "
                    f"{acc.num_processes} x {self.train_cfg.grad_accum} x {self.micro_batch}; "
                    f"optimizer {type(opt).__name__} ({getattr(opt, 'impl', '?')}"
                    f"{', amsgrad' if opt.defaults.get('amsgrad') else ''})")

@@ -332,19 +332,3 @@ def backward_and_step(engine, loss, last: bool) -> None:
     engine.backward(loss)
     if last:
         engine.step()
-
-
-def exit_process(code: int) -> None:
-    """Exit a finished DeepSpeed process without the interpreter's teardown.
-
-    DeepSpeed 0.19.8 on CPU (its shared-memory comm op) now and then aborts a rank at
-    interpreter exit with "terminate called without an active exception" (SIGABRT), after
-    the run finished, saved and closed: seen in about 1 of 20 two-process ZeRO launches on
-    a busy machine. Everything is written and closed by then; skip the C++ destructors.
-    """
-    import os
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

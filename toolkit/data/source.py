@@ -43,7 +43,7 @@ class Data(Protocol):
     def eval_batches(self) -> Iterator: ...
 
 
-def _seed(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """One 63-bit generator seed from several integers (splitmix-style mixing)."""
     h = 0x9E3779B97F4A7C15
     for p in parts:
@@ -104,7 +104,7 @@ class Loader(_Sharded):
         return DataLoader(self.dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
                           collate_fn=self.collate_fn, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0,
-                          generator=torch.Generator().manual_seed(_seed(self.seed, self.rank)))
+                          generator=torch.Generator().manual_seed(mix_seed(self.seed, self.rank)))
 
     def batches(self, step: int) -> Iterator:
         epoch, k = divmod(step, self.sampler.steps_per_epoch)
@@ -132,7 +132,7 @@ class Draw:
         self.batch_size, self.device, self.calls = batch_size, device, 0
 
     def __call__(self, *shape: int) -> torch.Tensor:
-        gen = torch.Generator(self.device).manual_seed(_seed(self.seed, self.step, self.calls))
+        gen = torch.Generator(self.device).manual_seed(mix_seed(self.seed, self.step, self.calls))
         self.calls += 1
         return torch.rand((self.batch_size, *shape), generator=gen,
                           device=self.device)[self.part]

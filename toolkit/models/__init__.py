@@ -1,4 +1,5 @@
-"""Language models of the post's WikiText-2 runs: AWD-LSTM and AWD-QRNN, one interface."""
+"""Models of the post: AWD-LSTM and AWD-QRNN for WikiText-2 (one interface), WRN-22 for
+CIFAR-10, ResNet50 with fastai 0.7's head for Stanford Cars."""
 
 from toolkit.models.awd_lstm import (
     AROn,
@@ -20,10 +21,19 @@ from toolkit.models.qrnn import (
     forget_mult_reference,
     forget_mult_triton,
 )
+from toolkit.models.resnet import (
+    AdaptiveConcatPool2d,
+    FreezableSequential,
+    cached_weights,
+    imagenet_state_dict,
+    resnet50,
+)
+from toolkit.models.wrn import WideResNet, wrn_22
 
 __all__ = [
-    "AROn", "AWDLSTM", "AWDQRNN", "AWDLanguageModel", "ActivationPenalty", "QRNNLayer",
-    "WeightDropLSTM", "activation_reg", "embedding_dropout", "forget_mult", "forget_mult_loop",
+    "AROn", "AWDLSTM", "AWDQRNN", "AWDLanguageModel", "ActivationPenalty", "AdaptiveConcatPool2d",
+    "FreezableSequential", "QRNNLayer", "WeightDropLSTM", "cached_weights", "imagenet_state_dict",
+    "resnet50", "activation_reg", "embedding_dropout", "forget_mult", "forget_mult_loop",
     "forget_mult_reference", "forget_mult_triton", "locked_dropout", "repackage_hidden",
-    "temporal_activation_reg",
+    "temporal_activation_reg", "WideResNet", "wrn_22",
 ]
