@@ -374,6 +374,8 @@ class Trainer:
             bar.close()
             for s, h in previous.items():
                 signal.signal(s, h)
+        if self.eval_data is not None and not any(k.startswith("valid_") for k in metrics):
+            metrics.update(self.evaluate())  # resumed at its end: no step, no evaluation yet
         path = self.save()
         return {"stopped": False, "step": self.step, "epochs": round(self.epoch_at(self.step), 4),
                 "wall_time_s": round(time.time() - started, 2), "checkpoint": str(path),
