@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType, send_to_device
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from toolkit import batchnorm, checkpoint, lifecycle, lr_finder, strategy, zero
@@ -115,11 +116,16 @@ class Trainer:
         if train.sync_batchnorm:
             model = batchnorm.sync_batchnorm(model)
         optimizer = self.stages[0].optim.build(model, layer_groups)
+        # Each parameter's layer group, for freezing: DeepSpeed's groups hold flat copies.
+        self._grouped = [(p, g["layer_group"]) for g in optimizer.param_groups
+                         for p in g["params"]]
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
-        if self.deepspeed and len(self.stages) > 1:
-            raise UserError(f"a run of {len(self.stages)} stages needs a fresh optimizer per "
-                            "stage, which a DeepSpeed engine cannot take: use --strategy ddp")
+        if self.deepspeed and train.clip is not None and any(
+                st.train_groups is not None for st in self.stages):
+            raise UserError("--clip with a stage that freezes layer groups under DeepSpeed: its "
+                            "frozen groups keep their gradients (stepped at lr 0), which the "
+                            "clipping norm would count; use --strategy ddp or no --clip")
         zero.any_world(self.model)
         self.stage = -1
         self.enter_stage(0)
@@ -171,18 +177,31 @@ class Trainer:
     def enter_stage(self, index: int) -> None:
         """Set up stage ``index`` at its first step: a fresh optimizer state, the stage's
         hyperparameters in every group, its frozen layers and its 1cycle. The schedule drives
-        the torch optimizer that really steps (inside DeepSpeed's wrapper, if any)."""
+        the torch optimizer that really steps (inside DeepSpeed's wrapper, if any).
+
+        A frozen layer group stops taking gradients (``requires_grad``) and its BatchNorms
+        are marked ``frozen`` (:class:`~toolkit.models.FreezableSequential` keeps them in
+        eval mode). A DeepSpeed engine fixes the parameters it steps when it is built, so
+        there the frozen groups keep their gradients and are stepped at lr 0 instead: the
+        same weights, the backward pass through them spent."""
         if index == self.stage:
             return
         stage, inner = self.stages[index], strategy.torch_optimizer(self.optimizer)
         inner.state.clear()
-        mults = stage.optim.lr_mults or (1.0,) * (1 + max(g["layer_group"]
-                                                          for g in inner.param_groups))
+        n = 1 + max(g for _, g in self._grouped)
+        mults = stage.optim.lr_mults or (1.0,) * n
+        trains = [stage.train_groups is None or g in stage.train_groups for g in range(n)]
         for group in inner.param_groups:
-            stage.optim.write_hparams(group, mults[group["layer_group"]])
-            trains = stage.train_groups is None or group["layer_group"] in stage.train_groups
-            for p in group["params"]:
-                p.requires_grad_(trains)
+            g = group["layer_group"]
+            stage.optim.write_hparams(group, mults[g] if trains[g] or not self.deepspeed else 0.0)
+        if not self.deepspeed:
+            for p, g in self._grouped:
+                p.requires_grad_(trains[g])
+        group_of = {id(p): g for p, g in self._grouped}
+        for m in self.unwrapped().modules():
+            if isinstance(m, _BatchNorm):
+                own = [group_of[id(p)] for p in m.parameters(recurse=False) if id(p) in group_of]
+                m.frozen = bool(own) and not any(trains[g] for g in own)
         start = self.stage_ends[index - 1] if index else 0
         self.scheduler = stage.schedule.build(inner, self.stage_ends[index] - start)
         self.stage = index

@@ -79,10 +79,12 @@ class AdaptiveConcatPool2d(nn.Module):
 
 
 class FreezableSequential(nn.Sequential):
-    """A ``Sequential`` whose BatchNorm layers with frozen parameters run in eval mode while
-    the model trains (fastai 0.7's ``set_train_mode``). Decided at each training forward,
-    so it follows a stage's ``requires_grad`` changes whenever they happen, and finds
-    BatchNorms that ``--sync-batchnorm`` replaced."""
+    """A ``Sequential`` whose BatchNorm layers run in eval mode while the model trains when
+    their parameters are frozen (fastai 0.7's ``set_train_mode``): when none of them
+    requires a gradient, or when a trainer stage marked the layer ``frozen`` (under
+    DeepSpeed, which steps frozen groups at lr 0 instead). Decided at each training forward,
+    so it follows a stage's changes whenever they happen, and finds BatchNorms that
+    ``--sync-batchnorm`` replaced."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -90,7 +92,8 @@ class FreezableSequential(nn.Sequential):
                 if isinstance(m, _BatchNorm):
                     params = list(m.parameters(recurse=False))
                     if params:
-                        m.training = any(p.requires_grad for p in params)
+                        m.training = not getattr(m, "frozen", False) and any(
+                            p.requires_grad for p in params)
         return super().forward(x)
 
 
