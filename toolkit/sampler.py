@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from toolkit.distributed import micro_batch
+from toolkit.errors import UserError
 
 
 class GlobalBatchSampler:
@@ -24,8 +25,8 @@ class GlobalBatchSampler:
                  accum: int = 1, shuffle: bool = True, seed: int = 0):
         self.micro = micro_batch(batch_size, world, accum)
         if num_examples < batch_size:
-            raise ValueError(f"batch_size={batch_size} is larger than the {num_examples} "
-                             "training examples")
+            raise UserError(f"--batch-size {batch_size} is larger than the {num_examples} "
+                            "training examples")
         self.num_examples, self.batch_size = num_examples, batch_size
         self.world, self.rank, self.accum = world, rank, accum
         self.shuffle, self.seed = shuffle, seed
