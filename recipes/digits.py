@@ -5,12 +5,19 @@ Target: >= 96% test accuracy. Measured 2026-11-26 on 2 shared CPU cores (torch 2
 99.4% after 15 epochs (330 steps) in 52-105 s of training, depending on the neighbours; on
 a lent H200, 99.2% in 10 s with ``--optim.impl compiled --precision bf16``.
 
+Test-time augmentation (``--preset tta``: trained on random crops of the image padded by one
+pixel, then the post's TTA and the fixed shifts), measured 2026-12-01 on 2 CPU cores, seeds
+0-4: 98.56% plain, **98.83%** with the post's TTA, 98.94% with the fixed shifts (means of 5;
+the test set is 360 images, one image is 0.28 points). Without the crops in training the
+post's TTA, which draws the training transform, loses 2-6 points.
+
     python recipes/digits.py
     accelerate launch recipes/digits.py
     accelerate launch --config_file launch/cpu-2proc.yaml recipes/digits.py
     torchrun --nproc_per_node 2 recipes/digits.py
     python recipes/digits.py --lr-find               # LR range test, writes lr_find.png
     python recipes/digits.py --preset adam-l2 --optim.amsgrad
+    python recipes/digits.py --preset tta             # tta_accuracy in results.json
     python recipes/digits.py --freeze-epochs 3 --optim.lr 3e-3 --optim.lr-mults 0.111 0.333 1
 """
 
@@ -26,8 +33,10 @@ from torch import nn
 
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
+from toolkit.data.cifar import CifarAugment
 from toolkit.data.source import DeviceTensors
 from toolkit.errors import UserError
+from toolkit.eval.tta import tta_accuracy
 from toolkit.recipe import Run
 from toolkit.trainer import Stage, Trainer
 
@@ -52,6 +61,12 @@ class Config:
     groups): two 1cycles, each with a fresh optimizer, as the post fine-tuned Stanford Cars."""
     freeze_lr: float = 1e-2
     """Max lr of the head-only stage."""
+    shift: int = 0
+    """Training augmentation: a random crop of the image padded by ``shift`` pixels (0: none)."""
+    tta: bool = False
+    """Test-time augmentation at the end: the image and 4 random crops of it padded by
+    ``max(shift, 1)`` pixels (``tta_accuracy``), and the image with its 4 shifts by one pixel
+    (``tta_fixed_accuracy``); no flips: a flipped digit is another digit."""
 
     def validate(self) -> None:
         if self.freeze_epochs < 0:
@@ -60,6 +75,8 @@ class Config:
             raise ValueError(f"--freeze-lr={self.freeze_lr} must be > 0")
         if self.width < 1:
             raise ValueError(f"--width={self.width} must be >= 1")
+        if not 0 <= self.shift < 8:
+            raise ValueError(f"--shift={self.shift} must be in [0, 8)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout={self.dropout} must be in [0, 1)")
 
@@ -69,11 +86,16 @@ PRESETS = {
     # The post's comparison: Adam with L2 regularization instead of decoupled decay.
     "adam-l2": lambda: dataclasses.replace(Config(), optim=OptimConfig(name="adam", lr=1e-2, wd=1e-4)),
     "sgd": lambda: dataclasses.replace(Config(), optim=OptimConfig(name="sgd", lr=0.1, wd=5e-4)),
+    # Trained on 1-pixel random crops, evaluated with TTA: the post's TTA draws the training
+    # transform, which a model trained without it has not seen (it then loses 2-6 points).
+    "tta": lambda: dataclasses.replace(Config(), shift=1, tta=True),
 }
 
 
-def load_digits(data_dir: str | None, seed: int = 0) -> tuple[DeviceTensors, DeviceTensors]:
-    """Stratified 80/20 split (seed 0): 1,437 training and 360 test images, scaled to [0, 1]."""
+def load_digits(data_dir: str | None, seed: int = 0, augment: CifarAugment | None = None
+                ) -> tuple[DeviceTensors, DeviceTensors]:
+    """Stratified 80/20 split (seed 0): 1,437 training and 360 test images, scaled to [0, 1];
+    ``augment`` the training batches' ``augment(x, draw)``."""
     from sklearn.datasets import load_digits as sk_load
     from sklearn.model_selection import train_test_split
 
@@ -91,7 +113,12 @@ def load_digits(data_dir: str | None, seed: int = 0) -> tuple[DeviceTensors, Dev
         return DeviceTensors(torch.tensor(a, dtype=torch.float32).view(-1, 1, 8, 8) / 16,
                              torch.tensor(b, dtype=torch.long), **kw)
 
-    return as_set(xtr, ytr, seed=seed), as_set(xte, yte, shuffle=False)
+    def train_augment(batch: tuple, draw) -> tuple:
+        x, *rest = batch
+        return (augment.crop_flip(x, draw), *rest)
+
+    return (as_set(xtr, ytr, seed=seed, augment=train_augment if augment else None),
+            as_set(xte, yte, shuffle=False))
 
 
 def convnet(width: int, dropout: float) -> nn.Sequential:
@@ -106,7 +133,12 @@ def convnet(width: int, dropout: float) -> nn.Sequential:
 
 
 def build(cfg: Config) -> Run:
-    train_set, test_set = load_digits(cfg.data_dir, cfg.train.seed)
+    # Pixels are already in [0, 1]: CifarAugment's pad (reflected) and crop, no flip.
+    def crops(pad: int) -> CifarAugment:
+        return CifarAugment((0.0,), (1.0,), pad=pad, size=8, flip=False, pad_mode="reflect")
+
+    train_set, test_set = load_digits(cfg.data_dir, cfg.train.seed,
+                                      crops(cfg.shift) if cfg.shift else None)
     model = convnet(cfg.width, cfg.dropout)
     groups = [model[:5], model[5:8], model[8:]]  # two conv blocks, the last conv, the head
     stages = [Stage(cfg.train.epochs, cfg.optim, cfg.schedule)]
@@ -115,8 +147,17 @@ def build(cfg: Config) -> Run:
         stages.insert(0, Stage(cfg.freeze_epochs, head, cfg.schedule, train_groups=(2,)))
     trainer = Trainer(model, train_set, test_set, train=cfg.train, stages=stages,
                       layer_groups=groups, recipe_config=to_dict(cfg))
-    return Run(trainer, summary=lambda r: f"test accuracy {r['valid_accuracy']:.4f} after "
-                                          f"{r['step']} steps ({r['wall_time_s']} s)")
+
+    def tta() -> dict:
+        return tta_accuracy(trainer, trainer.eval_data.eval_batches(),
+                            crops(max(cfg.shift, 1)).crop_flip,
+                            seed=cfg.train.seed, shift=1, flip=False)
+
+    return Run(trainer, final_evaluation=tta if cfg.tta else None,
+               summary=lambda r: f"test accuracy {r['valid_accuracy']:.4f}" + (
+                   f", with TTA {r['tta_accuracy']:.4f} (fixed views "
+                   f"{r['tta_fixed_accuracy']:.4f})" if cfg.tta else "")
+               + f" after {r['step']} steps ({r['wall_time_s']} s)")
 
 
 if __name__ == "__main__":

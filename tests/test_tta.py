@@ -85,6 +85,9 @@ def test_fixed_variant_views_are_exact_flips_and_reflected_shifts():
     assert torch.equal(down[..., 2:, :], x[..., :-2, :])
     assert torch.equal(down[..., :2, :], x[..., [2, 1], :])
     assert torch.equal(up[..., :-2, :], x[..., 2:, :]) and torch.equal(up[..., -2:, :], x[..., [3, 2], :])
+    unflipped = flip_shift_views(x, shift=2, flip=False)  # digits: a flip is another digit
+    assert len(unflipped) == 5 and all(torch.equal(a, b) for a, b in
+                                       zip(unflipped, [views[0], *views[2:]]))
     with pytest.raises(ValueError, match="shift"):
         flip_shift_views(x, shift=5)
 

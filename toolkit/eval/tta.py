@@ -61,14 +61,15 @@ class ExampleDraw:
         return torch.stack([torch.rand(shape, generator=g) for g in gens]).to(self.device)
 
 
-def flip_shift_views(x: torch.Tensor, shift: int = 8) -> list[torch.Tensor]:
-    """The deterministic variant's views of ``x`` ``[B, C, H, W]``: ``x``, its horizontal flip,
-    and ``x`` moved by ``shift`` pixels right, left, down and up, the uncovered border filled
-    by reflection (``out[..., i, j] = x[..., i - dy, j - dx]`` inside)."""
+def flip_shift_views(x: torch.Tensor, shift: int = 8, flip: bool = True) -> list[torch.Tensor]:
+    """The deterministic variant's views of ``x`` ``[B, C, H, W]``: ``x``, its horizontal flip
+    (with ``flip``; not for digits, say), and ``x`` moved by ``shift`` pixels right, left,
+    down and up, the uncovered border filled by reflection
+    (``out[..., i, j] = x[..., i - dy, j - dx]`` inside)."""
     h, w = x.shape[-2:]
     if not 0 <= shift < min(h, w):
         raise ValueError(f"shift={shift} must be in [0, {min(h, w)}) for {h}x{w} images")
-    views = [x, x.flip(-1)]
+    views = [x, x.flip(-1)] if flip else [x]
     if shift:
         padded = F.pad(x, (shift,) * 4, mode="reflect")
 
@@ -81,7 +82,7 @@ def flip_shift_views(x: torch.Tensor, shift: int = 8) -> list[torch.Tensor]:
 
 def tta_probs(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
               indices: Iterable[int], augment: Augment, n_aug: int = 4, *, seed: int = 0,
-              shift: int = 8) -> dict[str, torch.Tensor]:
+              shift: int = 8, flip: bool = True) -> dict[str, torch.Tensor]:
     """Class probabilities of a batch ``x`` (examples ``indices`` of the evaluation set):
     ``plain``, ``tta`` (fastai's: the plain pass weighted ``ceil(n_aug / 4)`` and ``n_aug``
     augmented copies, averaged) and ``fixed`` (the mean over :func:`flip_shift_views`)."""
@@ -97,14 +98,14 @@ def tta_probs(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     total = plain * weight
     for k in range(1, n_aug + 1):
         total = total + probs(augment(x, ExampleDraw(seed, k, indices, x.device)))
-    views = flip_shift_views(x, shift)
+    views = flip_shift_views(x, shift, flip)
     fixed = plain + sum(probs(v) for v in views[1:])
     return {"plain": plain, "tta": total / (weight + n_aug), "fixed": fixed / len(views)}
 
 
 @torch.no_grad()
 def tta_accuracy(trainer, eval_batches: Iterable, augment: Augment, n_aug: int = 4, *,
-                 seed: int = 0, shift: int = 8) -> dict[str, float]:
+                 seed: int = 0, shift: int = 8, flip: bool = True) -> dict[str, float]:
     """Accuracy and loss (NLL of the averaged probabilities) of ``trainer``'s model over the
     evaluation set, plain, with the post's TTA and with the deterministic flip/shift variant.
     ``eval_batches`` is this rank's ``(inputs, targets)`` batches, in the order of
@@ -126,7 +127,8 @@ def tta_accuracy(trainer, eval_batches: Iterable, augment: Augment, n_aug: int =
         for batch in eval_batches:
             x, y = send_to_device(tuple(batch[:2]), acc.device)
             indices = [rank + world * (seen + j) for j in range(len(y))]
-            out = tta_probs(model, x, indices, augment, n_aug, seed=seed, shift=shift)
+            out = tta_probs(model, x, indices, augment, n_aug, seed=seed, shift=shift,
+                            flip=flip)
             for i, kind in enumerate(kinds):
                 p = out[kind]
                 target = p.gather(1, y.view(-1, 1)).squeeze(1)
