@@ -57,7 +57,7 @@ def test_resume_mid_epoch_is_exact(one, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_two_processes_zero2_train_like_one(one, tmp_path):
+def test_two_processes_zero2_train_like_one_and_resume_exactly(one, tmp_path):
     run = tmp_path / "zero2"
     proc = launch(CIFAR, [*SMALL, "--output-dir", str(run), "--strategy", "zero2",
                           "--sync-batchnorm"], launcher="torchrun", timeout=600)
@@ -65,6 +65,13 @@ def test_two_processes_zero2_train_like_one(one, tmp_path):
     a, b = weights(one, 6), weights(run, 6)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    resumed = tmp_path / "zero2-resumed"
+    launch(CIFAR, [*SMALL, "--output-dir", str(resumed), "--strategy", "zero2",
+                   "--sync-batchnorm", "--resume", str(run / "checkpoints" / "step_3")],
+           launcher="torchrun", timeout=600)
+    a, b = weights(run, 6), weights(resumed, 6)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.slow
