@@ -17,7 +17,6 @@ from toolkit.data.cars import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CarsImages,
-    EpochLoader,
     SideOn,
     _warp,
     cars_data,
@@ -25,6 +24,7 @@ from toolkit.data.cars import (
     eval_image,
     read_cars,
 )
+from toolkit.data.source import Loader
 from toolkit.errors import UserError
 from toolkit.eval.tta import ExampleDraw
 
@@ -195,7 +195,7 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(devkit: Path):
     assert not torch.equal(x, CarsImages(samples, size=16, augment=SideOn(), seed=6)[(2, 3)][0])
     same_image = CarsImages([samples[3]] * 4, size=16, augment=SideOn(), seed=5)
     assert torch.equal(same_image[(2, 3)][0], x) and not torch.equal(same_image[(2, 0)][0], x)
-    with pytest.raises(TypeError, match="EpochLoader"):
+    with pytest.raises(TypeError, match="epoch_keys=True"):
         ds[3]
     gray = decode(samples[1].path)
     assert gray.shape[0] == 3 and torch.equal(gray[0], gray[2])  # grayscale JPEG as RGB
@@ -213,7 +213,7 @@ def test_workers_and_resume_see_the_same_augmented_batches(devkit: Path):
 
     def stream(workers: int, step: int, world: int = 1, rank: int = 0, n: int = 4):
         ds = KeyedImages(samples, size=16, augment=SideOn(), seed=1)
-        data = EpochLoader(ds, seed=1, num_workers=workers).shard(
+        data = Loader(ds, seed=1, num_workers=workers, epoch_keys=True).shard(
             batch_size=2, world=world, rank=rank, accum=1, device=torch.device("cpu"))
         it = data.batches(step)
         return [next(it) for _ in range(n)]
@@ -238,7 +238,7 @@ def test_workers_and_resume_see_the_same_augmented_batches(devkit: Path):
 
 def test_cars_data_gives_the_trainer_its_two_kinds(devkit: Path):
     train, test, classes = cars_data(devkit, size=16, num_workers=0)
-    assert isinstance(train, EpochLoader) and classes == CLASSES
+    assert isinstance(train, Loader) and train.epoch_keys and classes == CLASSES
     view = test.shard(batch_size=4, world=1, rank=0, accum=1, device=torch.device("cpu"))
     x, y = next(view.eval_batches())
     assert x.shape == (4, 3, 16, 16) and y.tolist() == [0, 1, 2, 0]

@@ -30,9 +30,9 @@ Why the epoch travels with the index: an example's augmentation comes from a gen
 seeded by (seed, epoch, index), never from a global RNG, so it is the same whichever
 worker decodes it, with any number of workers, after any resume. The epoch cannot be a
 dataset attribute the recipe sets: each persistent worker holds its own copy of the
-dataset, pickled when it started. So :class:`EpochLoader` hands the dataset the key
-``(epoch, index)``, the epoch read from the batch sampler in the main process when an
-epoch's iteration starts.
+dataset, pickled when it started. So the training :class:`~toolkit.data.source.Loader` is
+made with ``epoch_keys=True``: it hands the dataset the key ``(epoch, index)``, the epoch
+read from the batch sampler in the main process when an epoch's iteration starts.
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ class CarsImages(Dataset):
     """Stanford Cars examples as (normalized float ``[3, size, size]``, label).
 
     With ``augment`` (a :class:`SideOn`) the key is ``(epoch, index)`` (what
-    :class:`EpochLoader` passes) and the augmentation's numbers come from a generator seeded
+    a ``Loader(..., epoch_keys=True)`` passes) and the augmentation's numbers come from a generator seeded
     by (``seed``, epoch, index); without, the key is the index and the image gets the eval
     transform. ``crop_to_box`` first crops to the devkit's bounding box (the post did not).
     """
@@ -311,7 +311,7 @@ class CarsImages(Dataset):
             epoch, index = key
         else:
             raise TypeError(f"an augmenting CarsImages takes (epoch, index) keys, got {key!r}: "
-                            "read it through EpochLoader")
+                            "read it through Loader(..., epoch_keys=True)")
         sample = self.samples[index]
         img = decode(sample.path)
         if self.crop_to_box and sample.box is not None:
@@ -324,43 +324,15 @@ class CarsImages(Dataset):
         return self.augment.image(img, u, self.size), sample.label
 
 
-class EpochKeys:
-    """A batch sampler's batches with each index tagged with the epoch, ``(epoch, index)``;
-    the epoch is read when an iteration starts (the toolkit's sampler has its position by
-    then), in the main process."""
-
-    def __init__(self, sampler):
-        self.sampler = sampler
-
-    def __iter__(self):
-        epoch = self.sampler.epoch
-        for batch in self.sampler:
-            yield [(epoch, i) for i in batch]
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-
-class EpochLoader(Loader):
-    """A :class:`~toolkit.data.source.Loader` whose training batches give the dataset
-    ``(epoch, index)`` keys, so that random augmentation in the workers can be a function
-    of the example and its epoch (:class:`CarsImages`); evaluation keys stay indices."""
-
-    def _loader(self, batch_sampler):
-        if batch_sampler is self.sampler:
-            batch_sampler = EpochKeys(batch_sampler)
-        return super()._loader(batch_sampler)
-
-
 def cars_data(data_dir: str | Path, *, size: int = SIZE, seed: int = 0, num_workers: int = 4,
               augment: SideOn | None = SideOn(), crop_to_box: bool = False,
-              pin_memory: bool = False) -> tuple[EpochLoader, Loader, list[str]]:
+              pin_memory: bool = False) -> tuple[Loader, Loader, list[str]]:
     """The training data (augmented, shuffled with ``seed``), the test data (eval transform,
     in order) and the class names, read from ``data_dir`` (:func:`read_cars`)."""
     train, classes = read_cars(data_dir, "train")
     test, _ = read_cars(data_dir, "test")
     kw = dict(num_workers=num_workers, pin_memory=pin_memory)
-    return (EpochLoader(CarsImages(train, size=size, augment=augment, seed=seed,
-                                   crop_to_box=crop_to_box), seed=seed, **kw),
+    return (Loader(CarsImages(train, size=size, augment=augment, seed=seed,
+                              crop_to_box=crop_to_box), seed=seed, epoch_keys=True, **kw),
             Loader(CarsImages(test, size=size, crop_to_box=crop_to_box), shuffle=False, **kw),
             classes)

@@ -90,17 +90,24 @@ class Loader(_Sharded):
     the global RNG, so creating the loader never shifts the dropout stream. A dataset whose
     transforms draw random numbers in the workers resumes exactly only if it derives them from
     the index it is given (workers take batches round-robin, so after a resume mid-epoch the
-    worker of a batch may change); for exact random augmentation use :class:`DeviceTensors`.
+    worker of a batch may change). With ``epoch_keys`` the training batches give the dataset
+    ``(epoch, index)`` keys instead of indices, so that its augmentation can be a function of
+    the example and its epoch (:class:`~toolkit.data.cars.CarsImages`); evaluation keys stay
+    indices. The epoch cannot be a dataset attribute set between epochs: each persistent
+    worker holds its own copy of the dataset.
     """
 
     def __init__(self, dataset: Dataset, *, shuffle: bool = True, seed: int = 0,
                  num_workers: int = 0, collate_fn: Callable | None = None,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, epoch_keys: bool = False):
         super().__init__(len(dataset), shuffle, seed)
         self.dataset, self.num_workers = dataset, num_workers
         self.collate_fn, self.pin_memory = collate_fn, pin_memory
+        self.epoch_keys = epoch_keys
 
     def _loader(self, batch_sampler) -> DataLoader:
+        if self.epoch_keys and batch_sampler is self.sampler:
+            batch_sampler = _EpochKeys(batch_sampler)
         return DataLoader(self.dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
                           collate_fn=self.collate_fn, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0,
@@ -116,6 +123,22 @@ class Loader(_Sharded):
 
     def eval_batches(self) -> Iterator:
         yield from self._loader(self.eval_sampler)
+
+
+class _EpochKeys:
+    """A batch sampler's batches with each index tagged ``(epoch, index)``; the epoch is
+    read when an iteration starts (the sampler has its position by then)."""
+
+    def __init__(self, sampler: GlobalBatchSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        for batch in self.sampler:
+            yield [(epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 class Draw:
