@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from slurm_cluster import slurm  # noqa: F401  (the session's Slurm cluster, a fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "tiny.py"
 DIGITS = ROOT / "recipes" / "digits.py"

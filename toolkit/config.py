@@ -169,6 +169,9 @@ class TrainConfig:
     """Run the LR range test instead of training; writes lr_find.png/json."""
     progress: bool = True
     """Show a progress bar (main process only)."""
+    dist_timeout: float = 600.0
+    """Seconds a collective waits for the other ranks before the run fails: how long the
+    survivors of a dead node wait before they exit (a resume then goes on)."""
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -185,6 +188,8 @@ class TrainConfig:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints} must be >= 2")
         if self.clip is not None and not self.clip > 0:
             raise ValueError(f"clip={self.clip} must be > 0")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout={self.dist_timeout} must be > 0 seconds")
 
 
 # Sections whose fields are top-level flags (--epochs rather than --train.epochs).

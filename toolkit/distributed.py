@@ -13,6 +13,7 @@ split of a global batch over processes and accumulation steps.
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 from typing import Literal, get_args
@@ -20,7 +21,7 @@ from typing import Literal, get_args
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from toolkit import strategy, zero
 from toolkit.errors import UserError
@@ -88,12 +89,14 @@ def gather_objects(obj) -> list:
 
 def make_accelerator(strategy_flag: str, deepspeed_json: str | None, *, batch_size: int,
                      grad_accum: int, clip: float | None, precision: Precision,
-                     project_dir: Path, find_unused_parameters: bool = False
-                     ) -> tuple[Accelerator, str]:
+                     project_dir: Path, find_unused_parameters: bool = False,
+                     timeout_s: float = 600) -> tuple[Accelerator, str]:
     """The ``Accelerator`` for a run and the strategy it runs (see :mod:`toolkit.strategy`).
 
     ``batch_size`` is the global batch per optimizer step; the DeepSpeed config, when there
     is one, is generated from these values so that it cannot disagree with the loop.
+    ``timeout_s``: how long a collective waits for the other ranks before it fails (a rank
+    whose node died never answers; torch's default is 10 to 30 minutes).
     """
     name, user = strategy.resolve(strategy_flag, deepspeed_json)
     stage, offload = strategy.parse_strategy(name)
@@ -102,6 +105,11 @@ def make_accelerator(strategy_flag: str, deepspeed_json: str | None, *, batch_si
     kwargs = zero.accelerator_kwargs(
         stage, offload, micro_batch=micro_batch(batch_size, world, grad_accum),
         grad_accum=grad_accum, world=world, clip=clip, precision=precision, user=user)
+    if world > 1:
+        # Named on CPU, or Accelerate's DeepSpeed set-up reports one process.
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        kwargs["kwargs_handlers"] = [*kwargs["kwargs_handlers"], InitProcessGroupKwargs(
+            backend=backend, timeout=datetime.timedelta(seconds=timeout_s))]
     if find_unused_parameters:  # layers frozen for a stage: DDP must not wait for their grads
         kwargs["kwargs_handlers"] = [*kwargs["kwargs_handlers"],
                                      DistributedDataParallelKwargs(find_unused_parameters=True)]

@@ -97,7 +97,7 @@ class Trainer:
         acc, self.strategy = make_accelerator(
             train.strategy, train.deepspeed_config, batch_size=train.batch_size,
             grad_accum=train.grad_accum, clip=train.clip, precision=train.precision,
-            project_dir=self.out,
+            project_dir=self.out, timeout_s=train.dist_timeout,
             find_unused_parameters=any(s.train_groups is not None for s in self.stages))
         self.accelerator = acc
         world, rank = acc.num_processes, acc.process_index

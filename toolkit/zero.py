@@ -48,7 +48,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from accelerate.utils import DeepSpeedPlugin
 
 from toolkit.errors import UserError
 
@@ -169,10 +169,7 @@ def accelerator_kwargs(stage: int, offload: bool, *, micro_batch: int, grad_accu
                                       grad_accum=grad_accum, world=world, clip=clip,
                                       precision=precision, user=user),
         zero3_init_flag=False)
-    # DeepSpeed on CPU needs gloo named explicitly, or Accelerate reports one process.
-    handlers = [InitProcessGroupKwargs(backend="gloo")] \
-        if stage and world > 1 and not torch.cuda.is_available() else []
-    return {"deepspeed_plugin": plugin, "kwargs_handlers": handlers}
+    return {"deepspeed_plugin": plugin, "kwargs_handlers": []}
 
 
 def stage(accelerator) -> int:
