@@ -34,8 +34,9 @@ toolkit_run() {
          "$SLURM_JOB_NODELIST (master $MASTER_ADDR:$MASTER_PORT), $recipe -> $out"
     trap 'toolkit_forward USR1' USR1
     trap 'toolkit_forward TERM' TERM
-    # One task per process; RANK and friends from Slurm's task ids.
-    srun --ntasks="$SLURM_NTASKS" --export=ALL bash -c \
+    # One task per process; RANK and friends from Slurm's task ids. --wait: once one task has
+    # ended, the others get TASK_WAIT seconds (a rank of a silent node never ends by itself).
+    srun --ntasks="$SLURM_NTASKS" --wait="${TASK_WAIT:-120}" --export=ALL bash -c \
         'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
          exec "$@"' toolkit-worker "${PYTHON:-python3}" "$recipe" \
         --output-dir "$out" --resume auto "$@" &

@@ -149,14 +149,41 @@ def worker_pids(run: Path, node: str) -> list[int]:
     return pids
 
 
+def wait_for_checkpoint(run: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not (run / "checkpoints" / f"step_{step}" / "COMMITTED").is_file():
+        assert time.monotonic() < deadline, Path(f"{run}.log").read_text()
+        time.sleep(0.1)
+
+
+def test_a_silent_node_ends_the_job_after_the_timeout(slurm, tmp_path):
+    """A node that stops answering (its worker SIGSTOPped: sockets open, nothing sent): the
+    other rank gives up after --dist-timeout seconds with one error line, and srun ends the
+    silent task TASK_WAIT seconds later."""
+    out = tmp_path / "silent"
+    job = submit(slurm, TRAIN, out, "-N", "2", "--ntasks-per-node=1", TASK_WAIT="3",
+                 ARGS="--epochs 60 --checkpoint-every 40 --dist-timeout 8")
+    wait_for_checkpoint(out, 40)
+    victims = worker_pids(out, "n2")
+    assert victims, "no worker of the job found on n2"
+    stopped = time.monotonic()
+    for pid in victims:
+        os.kill(pid, signal.SIGSTOP)
+    state, code = slurm.wait(job, 120)
+    exit_s = time.monotonic() - stopped
+    assert state == "FAILED", (state, code)
+    log = Path(f"{out}.log").read_text()
+    assert "error: lost contact with another process of this run" in log, log
+    assert 8 <= exit_s < 8 + 3 + 30, exit_s
+    assert not worker_pids(out, "n1") and not worker_pids(out, "n2")
+    print(f"a silent node: the job ended {exit_s:.1f} s after (--dist-timeout 8, TASK_WAIT 3)")
+
+
 def test_a_dead_node_ends_the_job_and_a_resubmission_resumes(slurm, tmp_path):
     out = tmp_path / "node-dies"
     args = "--epochs 60 --checkpoint-every 40 --dist-timeout 60"
     job = submit(slurm, TRAIN, out, "-N", "2", "--ntasks-per-node=1", ARGS=args)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoints" / "step_80" / "COMMITTED").is_file():
-        assert time.monotonic() < deadline, Path(f"{out}.log").read_text()
-        time.sleep(0.1)
+    wait_for_checkpoint(out, 80)
     victims = worker_pids(out, "n2")
     assert victims, "no worker of the job found on n2"
     killed = time.monotonic()
@@ -167,6 +194,7 @@ def test_a_dead_node_ends_the_job_and_a_resubmission_resumes(slurm, tmp_path):
     assert state == "FAILED" and code != "0:0", (state, code)
     log = Path(f"{out}.log").read_text()
     assert "failed with exit code" in log and "requeueing" not in log, log
+    assert "error: lost contact with another process of this run" in log, log
     assert slurm.job(job)["Restarts"] == "0"
     assert not worker_pids(out, "n1") and not worker_pids(out, "n2")
     print(f"the surviving rank's job ended {exit_s:.1f} s after its peer was killed")

@@ -10,6 +10,8 @@ pointer, test-time augmentation), writes ``results.json`` once, closes the track
 process group, and exits with one of:
 
 - ``0`` (:data:`FINISHED`): the run is done;
+- ``1`` (:data:`CRASHED`): a crash (a traceback), or another process of the run died (one
+  ``error:`` line says so; resume from the newest checkpoint);
 - ``2`` (:data:`BAD_INPUT`): a bad value, missing data, a damaged checkpoint, a full disk,
   a non-finite loss: one ``error:`` line says what;
 - ``75`` (:data:`STOPPED`, ``EX_TEMPFAIL``): stopped by SIGTERM/SIGUSR1 with a checkpoint
@@ -31,7 +33,19 @@ from toolkit.config import parse, write_json
 from toolkit.errors import UserError, error_line
 from toolkit.trainer import Trainer
 
-FINISHED, BAD_INPUT, STOPPED = 0, 2, 75
+FINISHED, CRASHED, BAD_INPUT, STOPPED = 0, 1, 2, 75
+
+
+def lost_peer(e: BaseException) -> bool:
+    """A collective failed because another rank is gone: its sockets closed (gloo, NCCL)
+    or it stopped answering for ``--dist-timeout`` seconds."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in text for s in ("Connection reset by peer", "Connection closed by peer",
+                            "Timed out waiting", "NCCL communicator was aborted",
+                            "Broken pipe", "timed out"))
 
 
 @dataclass
@@ -85,6 +99,15 @@ def main(presets: Mapping[str, Callable], build: Callable[..., Run],
     except UserError as e:
         error_line(e)
         code = BAD_INPUT
+    except RuntimeError as e:
+        if run is None or not lost_peer(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        error_line(UserError(
+            f"lost contact with another process of this run ({first[:200]}): a process or "
+            f"node died; the newest complete checkpoint in {run.trainer.out / 'checkpoints'} "
+            "is where --resume auto goes on"))
+        code = CRASHED
     if run is not None and (run.trainer.deepspeed or run.trainer.accelerator.num_processes > 1):
         lifecycle.exit_process(code)
     sys.exit(code)
