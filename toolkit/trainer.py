@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from toolkit import batchnorm, checkpoint, lifecycle, lr_finder, strategy, zero
+from toolkit import batchnorm, checkpoint, lifecycle, lr_finder, provenance, strategy, zero
 from toolkit.config import OptimConfig, ScheduleConfig, TrainConfig, write_json
 from toolkit.data.source import Data
 from toolkit.distributed import all_reduce_sum, make_accelerator, micro_batch
@@ -295,6 +295,9 @@ class Trainer:
         resume = checkpoint.resume_point(self.accelerator, self.train_cfg.resume, ckpt_dir)
         if self.is_main and self.recipe_config is not None and resume is None:
             write_json(self.out / "config.json", self.recipe_config)
+        if self.is_main:
+            provenance.record(self.out, self.accelerator.device,
+                              self.accelerator.num_processes, self.strategy)
         self.accelerator.wait_for_everyone()
         if resume is not None:
             # The stage first: the checkpoint holds that stage's optimizer and schedule.
