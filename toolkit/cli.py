@@ -1,6 +1,10 @@
 """``toolkit`` console entry point, and the wrapper that turns errors into one line.
 
     toolkit plot RUN_DIR        loss, lr and beta1 curves from RUN_DIR/metrics.jsonl
+    toolkit sweep RECIPE --out DIR [--grid post] [--seeds ...] [--vary F=V1,V2] [-- ARGS]
+                                a grid of runs, one folder per cell (--help for options)
+    toolkit wd-find RECIPE --out DIR [--wds ...] [--lr LR] [-- ARGS]
+                                the best weight decay for L2 and for decoupled decay
     toolkit memory --params N   bytes of params, grads and optimizer states per device and
                                 per process (offload) for each strategy; --help for options
 """
@@ -24,7 +28,8 @@ def run(main: Callable[[], object]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"plot": _plot, "memory": _memory}
+    commands = {"plot": _plot, "memory": _memory, "sweep": _sweep,
+                "wd-find": _wd_find}
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         sys.exit(0 if argv else 2)
@@ -45,6 +50,18 @@ def _plot(args: list[str]) -> None:
     parser.add_argument("--out", help="image path (default RUN_DIR/metrics.png)")
     ns = parser.parse_args(args)
     print(plot_run(ns.run_dir, ns.out))
+
+
+def _sweep(args: list[str]) -> None:
+    from toolkit.sweep import main as sweep
+
+    sweep(args)
+
+
+def _wd_find(args: list[str]) -> None:
+    from toolkit.wd_find import main as wd_find
+
+    wd_find(args)
 
 
 def _memory(args: list[str]) -> None:

@@ -1,0 +1,215 @@
+"""``toolkit sweep``: a grid of runs of one recipe, one run folder per cell.
+
+    toolkit sweep recipes/digits.py --out runs/grid --grid post --seeds 0 1 2 \\
+        --adam-l2-args="--preset adam-l2"
+    toolkit sweep recipes/digits.py --out runs/wd --vary optim.wd=1e-4,1e-3,1e-2 -- --epochs 5
+    toolkit sweep recipes/cifar10.py --out /shared/runs/grid --grid post --slurm \\
+        --sbatch-args="-p gpu --gres=gpu:1 --ntasks-per-node=1" -- --data-dir /shared/cifar10
+
+The cells are the product of the post's grid (``--grid post``: Adam with L2 / AdamW x
+AMSGrad off / on), every ``--vary FIELD=V1,V2,...`` and the seeds; a cell's folder is named
+after its values (``adamw-amsgrad-wd0.001-seed1``). Arguments after ``--`` go to every cell.
+
+Cells run one after another here (``--launcher python``, ``torchrun`` or ``accelerate``
+with ``--nproc`` processes) or as a Slurm job array (``--slurm``: ``slurm/grid.sbatch`` with
+the cells written to ``OUT/cells.tsv``). A cell whose ``results.json`` exists is finished
+and skipped; any other starts with ``--resume auto``, so an interrupted cell goes on from its
+newest checkpoint. A failed cell is reported and the others still run; the sweep exits 1 if
+any failed, and writes its summary to ``OUT/sweep.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolkit.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID_SCRIPT = ROOT / "slurm" / "grid.sbatch"
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    args: tuple[str, ...]
+    """The recipe flags that make this cell (after the sweep's common ones)."""
+
+
+def post_grid(adam_l2_args: str, adamw_args: str) -> list[tuple[str, list[str]]]:
+    """The post's four optimizers: Adam with L2 / AdamW, without / with AMSGrad."""
+    out = []
+    for amsgrad in (False, True):
+        for name, args in (("adam-l2", adam_l2_args), ("adamw", adamw_args)):
+            suffix, flag = ("-amsgrad", "--optim.amsgrad") if amsgrad else ("",
+                                                                           "--optim.no-amsgrad")
+            out.append((name + suffix, [*shlex.split(args), flag]))
+    return out
+
+
+def parse_vary(spec: str) -> tuple[str, list[str]]:
+    """``optim.wd=1e-4,1e-3`` -> ("optim.wd", ["1e-4", "1e-3"]); one line when malformed."""
+    field, sep, values = spec.partition("=")
+    parts = [v for v in values.split(",") if v]
+    if not sep or not field or not parts or field.startswith("-"):
+        raise UserError(f"--vary {spec!r}: write FIELD=V1,V2,... (e.g. optim.wd=1e-4,1e-3)")
+    return field, parts
+
+
+def cells(grid: str | None, seeds: list[int], vary: list[str], adam_l2_args: str = "",
+          adamw_args: str = "") -> list[Cell]:
+    """The grid's cells in a fixed order (optimizers, then each varied field, then seeds)."""
+    axes: list[list[tuple[str, list[str]]]] = []
+    if grid == "post":
+        axes.append(post_grid(adam_l2_args or "--optim.name adam",
+                              adamw_args or "--optim.name adamw"))
+    elif grid is not None:
+        raise UserError(f"--grid {grid!r} is unknown; choose post (or omit it)")
+    for spec in vary:
+        field, values = parse_vary(spec)
+        short = field.rsplit(".", 1)[-1].replace("_", "-")
+        axes.append([(f"{short}{v}", [f"--{field}", v]) for v in values])
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {seeds} names a seed twice")
+    axes.append([(f"seed{s}", ["--seed", str(s)]) for s in seeds])
+    return [Cell("-".join(n for n, _ in combo), tuple(a for _, args in combo for a in args))
+            for combo in itertools.product(*axes)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_prefix(launcher: str, nproc: int, config: str | None) -> list[str]:
+    py = sys.executable
+    if launcher == "python":
+        return [py]
+    if launcher == "torchrun":
+        return [py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    if launcher == "accelerate":
+        return [py, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
+                *(["--config_file", config] if config else []),
+                "--main_process_port", str(_free_port())]
+    raise UserError(f"--launcher {launcher!r} is unknown; choose python, torchrun or accelerate")
+
+
+def status(folder: Path) -> str:
+    if (folder / "results.json").is_file():
+        return "finished"
+    return "interrupted" if (folder / "metrics.jsonl").is_file() else "new"
+
+
+def run_local(recipe: Path, out: Path, grid: list[Cell], common: list[str], *,
+              launcher: str = "python", nproc: int = 2, config: str | None = None) -> dict:
+    """Run the unfinished cells one after another; the summary (also ``out/sweep.json``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for i, cell in enumerate(grid):
+        folder = out / cell.name
+        before = status(folder)
+        if before == "finished":
+            print(f"[{i + 1}/{len(grid)}] {cell.name}: finished, skipped", flush=True)
+            summary[cell.name] = {"status": "skipped"}
+            continue
+        cmd = [*launch_prefix(launcher, nproc, config), str(recipe), *common, *cell.args,
+               "--output-dir", str(folder), "--resume", "auto", "--no-progress"]
+        print(f"[{i + 1}/{len(grid)}] {cell.name}: {'resuming' if before != 'new' else 'starting'}"
+              f" ({out / (cell.name + '.log')})", flush=True)
+        started = time.monotonic()
+        with open(out / f"{cell.name}.log", "a") as log:
+            log.write(f"$ {shlex.join(cmd)}\n")
+            log.flush()
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        took = round(time.monotonic() - started, 1)
+        ok = code == 0 and status(folder) == "finished"
+        summary[cell.name] = {"status": "finished" if ok else "failed", "exit_code": code,
+                              "seconds": took}
+        if not ok:
+            print(f"    {cell.name}: failed with exit code {code} (log: "
+                  f"{out / (cell.name + '.log')}); the other cells go on", flush=True)
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def submit_slurm(recipe: Path, out: Path, grid: list[Cell], common: list[str],
+                 sbatch_args: str = "") -> str:
+    """Submit the cells as a job array of ``slurm/grid.sbatch``; the job id."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / "cells.tsv"
+    table.write_text("".join(f"{c.name}\t{shlex.join(c.args)}\n" for c in grid))
+    env_args = {"RECIPE": str(recipe), "GRID_DIR": str(out), "CELLS": str(table),
+                "ARGS": shlex.join(common), "PYTHON": sys.executable, "TOOLKIT_DIR": str(ROOT)}
+    cmd = ["sbatch", "--parsable", f"--array=0-{len(grid) - 1}", "-o",
+           str(out / "slurm-%A_%a.out"), *shlex.split(sbatch_args), str(GRID_SCRIPT)]
+    try:
+        p = subprocess.run(cmd, env={**os.environ, **env_args}, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise UserError("--slurm: sbatch is not installed on this machine") from None
+    if p.returncode != 0:
+        raise UserError(f"sbatch refused the array: {(p.stderr or p.stdout).strip()}")
+    return p.stdout.strip().split(";")[0]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="toolkit sweep", description=__doc__.splitlines()[0])
+    p.add_argument("recipe", help="the recipe file, e.g. recipes/digits.py")
+    p.add_argument("--out", required=True, help="the sweep folder (one run folder per cell)")
+    p.add_argument("--grid", choices=["post"], help="post: Adam-L2 / AdamW x AMSGrad off / on")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--vary", action="append", default=[], metavar="FIELD=V1,V2",
+                   help="a config field and its values (repeatable), e.g. optim.wd=1e-4,1e-3")
+    p.add_argument("--adam-l2-args", default="", help="flags of the Adam-L2 cells "
+                   "(default --optim.name adam; digits: --preset adam-l2)")
+    p.add_argument("--adamw-args", default="", help="flags of the AdamW cells "
+                   "(default --optim.name adamw)")
+    p.add_argument("--launcher", default="python", help="python, torchrun or accelerate")
+    p.add_argument("--nproc", type=int, default=2, help="processes per cell (torchrun, accelerate)")
+    p.add_argument("--config-file", help="accelerate launch's --config_file")
+    p.add_argument("--slurm", action="store_true", help="submit a Slurm job array instead")
+    p.add_argument("--sbatch-args", default="", help="extra sbatch flags with --slurm")
+    return p
+
+
+def split_common(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The sweep's own arguments and, after ``--``, the recipe's."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def main(argv: list[str]) -> None:
+    own, common = split_common(argv)
+    ns = parser().parse_args(own)
+    recipe = Path(ns.recipe)
+    if not recipe.is_file():
+        raise UserError(f"recipe {recipe} is not a file (e.g. recipes/digits.py)")
+    if ns.nproc < 1:
+        raise UserError(f"--nproc {ns.nproc} must be >= 1")
+    grid = cells(ns.grid, ns.seeds, ns.vary, ns.adam_l2_args, ns.adamw_args)
+    out = Path(ns.out)
+    if ns.slurm:
+        job = submit_slurm(recipe, out, grid, common, ns.sbatch_args)
+        print(f"submitted job array {job}: {len(grid)} cells into {out} "
+              f"(squeue -j {job}; re-submit to run what is missing)")
+        return
+    summary = run_local(recipe, out, grid, common, launcher=ns.launcher, nproc=ns.nproc,
+                        config=ns.config_file)
+    failed = [name for name, s in summary.items() if s["status"] == "failed"]
+    done = len(summary) - len(failed)
+    print(f"sweep {out}: {done} of {len(summary)} cells finished"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if failed:
+        sys.exit(1)
