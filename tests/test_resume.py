@@ -5,6 +5,7 @@ run in the same folder is refused; workers whose launcher died stop."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import signal
@@ -17,7 +18,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import ROOT, TINY, command, dumps, env, launch
+from conftest import DIGITS, ROOT, TINY, command, dumps, env, launch
 from toolkit.checkpoint import check, list_checkpoints
 
 ARGS = ["--dropout", "0.3", "--epochs", "3", "--checkpoint-every", "1", "--keep-checkpoints", "3"]
@@ -224,3 +225,17 @@ def test_sigusr1_to_one_rank_stops_every_rank(tmp_path):
     launch(TINY, [*ARGS, "--output-dir", str(run), "--resume", "auto",
                   "--dump", str(tmp_path / "dump")], launcher="torchrun")
     assert_same_params(dumps(tmp_path / "dump", 1)[0], ref)
+
+
+def test_a_row_torn_by_a_crash_is_cut_at_resume(tmp_path):
+    out = tmp_path / "run"
+    args = ["--output-dir", str(out), "--max-steps", "6", "--log-every", "1",
+            "--checkpoint-every", "3", "--no-progress"]
+    launch(DIGITS, args)
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "results.json").unlink()
+    # As a SIGKILL mid-write leaves it: the first rows, then half of the next one.
+    (out / "metrics.jsonl").write_text("\n".join(rows[:3]) + "\n" + rows[3][:10])
+    launch(DIGITS, [*args, "--resume", str(out / "checkpoints" / "step_3")])
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if "train_loss" in x] == [1, 2, 3, 4, 5, 6]

@@ -298,6 +298,7 @@ class Trainer:
         if self.is_main:
             provenance.record(self.out, self.accelerator.device,
                               self.accelerator.num_processes, self.strategy)
+            drop_torn_row(self.out / "metrics.jsonl")
         self.accelerator.wait_for_everyone()
         if resume is not None:
             # The stage first: the checkpoint holds that stage's optimizer and schedule.
@@ -449,6 +450,16 @@ class Trainer:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def drop_torn_row(path: Path) -> None:
+    """Cut a row that a crash left half-written at the end of ``path`` (the resumed run logs
+    that step again), so that every line stays one JSON object."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
 
 
 def check_stages(stages: list[Stage], layer_groups: int) -> None:
