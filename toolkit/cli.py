@@ -3,6 +3,8 @@
     toolkit plot RUN_DIR        loss, lr and beta1 curves from RUN_DIR/metrics.jsonl
     toolkit sweep RECIPE --out DIR [--grid post] [--seeds ...] [--vary F=V1,V2] [-- ARGS]
                                 a grid of runs, one folder per cell (--help for options)
+    toolkit report RUN_DIRS... [--out DIR] [--metric KEY]
+                                the post's tables (mean +- std over seeds) and plots
     toolkit wd-find RECIPE --out DIR [--wds ...] [--lr LR] [-- ARGS]
                                 the best weight decay for L2 and for decoupled decay
     toolkit memory --params N   bytes of params, grads and optimizer states per device and
@@ -28,7 +30,7 @@ def run(main: Callable[[], object]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"plot": _plot, "memory": _memory, "sweep": _sweep,
+    commands = {"plot": _plot, "memory": _memory, "sweep": _sweep, "report": _report,
                 "wd-find": _wd_find}
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
@@ -56,6 +58,12 @@ def _sweep(args: list[str]) -> None:
     from toolkit.sweep import main as sweep
 
     sweep(args)
+
+
+def _report(args: list[str]) -> None:
+    from toolkit.report import main as report
+
+    report(args)
 
 
 def _wd_find(args: list[str]) -> None:
