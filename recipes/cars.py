@@ -36,6 +36,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
@@ -105,6 +106,11 @@ def cpu() -> Config:
 PRESETS = {"paper": Config, "cpu": cpu}
 
 
+def build_model(num_classes: int) -> nn.Module:
+    """The architecture alone (the trained weights replace every value)."""
+    return resnet50(num_classes, pretrained=False)[0]
+
+
 def build(cfg: Config) -> Run:
     train_set, test_set, classes = cars_data(cfg.data_dir, size=cfg.size, seed=cfg.train.seed,
                                              num_workers=cfg.workers,
@@ -125,6 +131,7 @@ def build(cfg: Config) -> Run:
                             seed=cfg.train.seed, shift=cfg.size // 28)
 
     return Run(trainer, final_evaluation=tta if cfg.tta else None,
+               model=(build_model, {"num_classes": len(classes)}),
                summary=lambda r: f"test accuracy {r['valid_accuracy']:.4f}" + (
                    f", with TTA {r['tta_accuracy']:.4f} (fixed views "
                    f"{r['tta_fixed_accuracy']:.4f})" if cfg.tta else "")

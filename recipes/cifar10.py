@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from torch import nn
 
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
@@ -92,11 +93,15 @@ def cpu() -> Config:
 PRESETS = {"paper-30ep": Config, "paper-18ep-tta": paper_18ep_tta, "cpu": cpu}
 
 
+def build_model(name: str, width: int) -> nn.Module:
+    return wrn_22() if name == "wrn22" else ResNet9(width)
+
+
 def build(cfg: Config) -> Run:
     data = load_cifar10(cfg.data_dir)  # a missing folder is a one-line UserError
     train_set, test_set = device_data(data, seed=cfg.train.seed,
                                       channels_last=cfg.channels_last)
-    model = wrn_22() if cfg.model == "wrn22" else ResNet9(cfg.width)
+    model = build_model(cfg.model, cfg.width)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     trainer = Trainer(model, train_set, test_set, train=cfg.train, optim=cfg.optim,
@@ -108,6 +113,7 @@ def build(cfg: Config) -> Run:
                             seed=cfg.train.seed, shift=4)
 
     return Run(trainer, final_evaluation=tta if cfg.tta else None,
+               model=(build_model, {"name": cfg.model, "width": cfg.width}),
                summary=lambda r: f"test accuracy {r['valid_accuracy']:.4f}" + (
                    f", with TTA {r['tta_accuracy']:.4f} (fixed views {r['tta_fixed_accuracy']:.4f})"
                    if cfg.tta else "") + f" after {r['step']} steps ({r['wall_time_s']} s)")

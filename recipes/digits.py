@@ -154,6 +154,7 @@ def build(cfg: Config) -> Run:
                             seed=cfg.train.seed, shift=1, flip=False)
 
     return Run(trainer, final_evaluation=tta if cfg.tta else None,
+               model=(convnet, {"width": cfg.width, "dropout": cfg.dropout}),
                summary=lambda r: f"test accuracy {r['valid_accuracy']:.4f}" + (
                    f", with TTA {r['tta_accuracy']:.4f} (fixed views "
                    f"{r['tta_fixed_accuracy']:.4f})" if cfg.tta else "")

@@ -171,13 +171,26 @@ def cpu() -> Config:
 PRESETS = {"cpu": cpu, "paper-lstm": Config, "paper-lstm-adamw": adamw, "paper-qrnn": qrnn}
 
 
+def model_args(cfg: Config, vocab_size: int) -> dict:
+    return {"vocab_size": vocab_size, "kind": cfg.model, "emb_size": cfg.emb_size,
+            "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,
+            "dropouts": list(cfg.dropouts), "alpha": cfg.alpha, "beta": cfg.beta,
+            "ar_on": cfg.ar_on, "cutoffs": list(cfg.cutoffs) if cfg.cutoffs else None}
+
+
 def build_model(cfg: Config, vocab_size: int) -> LanguageModel:
-    dropouti, dropout, wdrop, dropoute, dropouth = cfg.dropouts
-    net = AWDLSTM if cfg.model == "lstm" else AWDQRNN
-    body = net(vocab_size, cfg.emb_size, cfg.hidden_size, cfg.num_layers, dropouti=dropouti,
+    return language_model(**model_args(cfg, vocab_size))
+
+
+def language_model(vocab_size: int, kind: str, emb_size: int, hidden_size: int, num_layers: int,
+                dropouts: list[float], alpha: float, beta: float, ar_on: str,
+                cutoffs: list[int] | None) -> LanguageModel:
+    dropouti, dropout, wdrop, dropoute, dropouth = dropouts
+    net = AWDLSTM if kind == "lstm" else AWDQRNN
+    body = net(vocab_size, emb_size, hidden_size, num_layers, dropouti=dropouti,
                dropout=dropout, wdrop=wdrop, dropoute=dropoute, dropouth=dropouth,
-               alpha=cfg.alpha, beta=cfg.beta, ar_on=cfg.ar_on)
-    return LanguageModel(body, cfg.cutoffs)
+               alpha=alpha, beta=beta, ar_on=ar_on)
+    return LanguageModel(body, tuple(cutoffs) if cutoffs else None)
 
 
 def build_trainer(cfg: Config, model: LanguageModel, train_ids: torch.Tensor,
@@ -215,6 +228,7 @@ def build(cfg: Config) -> Run:
         return results
 
     return Run(trainer, final_evaluation=cache_pointer if cfg.cache else None,
+               model=(language_model, model_args(cfg, corpus.vocab_size)),
                summary=lambda r: "final: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()
                                                        if "ppl" in k))
 

@@ -14,6 +14,7 @@ import torch
 from cars_sample import csv_layout, devkit_layout
 from conftest import ROOT, launch
 from test_stages import weights
+from toolkit.recipe import load_model
 
 CARS = ROOT / "recipes" / "cars.py"
 CLASSES = ["car 1", "car 2", "car 3"]
@@ -61,6 +62,10 @@ def test_both_layouts_train_and_write_the_run_contracts(runs, layout):
     assert config["freeze_epochs"] == 1 and config["optim"]["name"] == "adam"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows if "train_loss" in r} == {0, 1}
+    final, reloaded = weights(run, 6), load_model(run).state_dict()  # model.safetensors
+    assert final.keys() == reloaded.keys()
+    for k in final:
+        assert torch.equal(final[k], reloaded[k]), k
 
 
 def test_stage_one_trains_the_head_alone_then_everything(runs, files):

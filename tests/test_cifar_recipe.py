@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, launch
+from toolkit.recipe import load_model
 
 CIFAR = ROOT / "recipes" / "cifar10.py"
 DATA = Path(os.environ.get("CIFAR10_DIR", ROOT.parent / "shared/data/cifar-10-batches-bin"))
@@ -46,6 +47,10 @@ def test_a_few_steps_write_the_run_contracts(one):
         assert 0 <= results[key] <= 1, key
     assert results["plain_accuracy"] == pytest.approx(results["valid_accuracy"], abs=1e-4)
     assert (one / "config.json").is_file() and (one / "metrics.jsonl").is_file()
+    final, reloaded = weights(one, 6), load_model(one).state_dict()  # model.safetensors
+    assert final.keys() == reloaded.keys()
+    for k in final:
+        assert torch.equal(final[k], reloaded[k]), k
 
 
 def test_resume_mid_epoch_is_exact(one, tmp_path):

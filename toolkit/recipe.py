@@ -25,10 +25,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch import nn
 
-from toolkit import lifecycle
+from toolkit import lifecycle, strategy
+from toolkit.atomic import write_atomic
 from toolkit.config import parse, write_json
 from toolkit.errors import UserError, error_line
 from toolkit.trainer import Trainer
@@ -57,6 +60,63 @@ class Run:
     """After a finished fit: more results (e.g. test perplexity with the cache pointer)."""
     summary: Callable[[dict], str] | None = None
     """The line printed at the end, from the results."""
+    model: tuple[Callable[..., nn.Module], dict] | None = None
+    """The recipe's function that builds the model and its arguments (JSON values): a
+    finished run writes both beside its weights (:func:`export_model`), and
+    :func:`load_model` rebuilds the trained model from the run folder in one call."""
+
+
+WEIGHTS, MODEL_JSON = "model.safetensors", "model.json"
+
+
+def _function_name(fn: Callable) -> str:
+    """``module:qualname``; a recipe run as a script is ``__main__``: name its module."""
+    module = fn.__module__
+    if module == "__main__":
+        path = Path(sys.modules["__main__"].__file__).resolve()
+        module = f"{path.parent.name}.{path.stem}" if path.parent.name == "recipes" else path.stem
+    return f"{module}:{fn.__qualname__}"
+
+
+def export_model(run: Run) -> None:
+    """Write the trained weights as one fp32 ``model.safetensors`` (gathered from ZeRO-3
+    shards and offload) and ``model.json`` (builder and arguments) into the run folder,
+    atomically. Collective: every rank calls it."""
+    trainer = run.trainer
+    state = strategy.full_state_dict(trainer.accelerator, trainer.model)
+    if trainer.is_main:
+        from safetensors.torch import save
+
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        write_atomic(trainer.out / WEIGHTS, save({k: v.contiguous() for k, v in state.items()}))
+        if run.model is not None:
+            fn, args = run.model
+            write_json(trainer.out / MODEL_JSON, {"builder": _function_name(fn), "args": args})
+    trainer.accelerator.wait_for_everyone()
+
+
+def load_model(run_dir: str | Path) -> nn.Module:
+    """The trained model of a finished run folder, in eval mode, on the CPU."""
+    import importlib
+    import json
+
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    spec_path, weights = run_dir / MODEL_JSON, run_dir / WEIGHTS
+    for path in (spec_path, weights):
+        if not path.is_file():
+            raise UserError(f"{run_dir} has no {path.name}: not a finished run folder (a run "
+                            "writes it when it finishes)")
+    spec = json.loads(spec_path.read_text())
+    module, _, name = spec["builder"].partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"{spec_path}: cannot import {spec['builder']} ({e})") from None
+    model = fn(**spec["args"])
+    model.load_state_dict(load_file(weights))
+    return model.eval()
 
 
 def execute(run: Run, lr_find: bool) -> int:
@@ -73,6 +133,7 @@ def execute(run: Run, lr_find: bool) -> int:
             return STOPPED
         if run.final_evaluation is not None:
             results.update(run.final_evaluation())
+        export_model(run)
         write_results(trainer, results)
         if run.summary is not None:
             trainer.print(run.summary(results))
