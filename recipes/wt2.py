@@ -120,6 +120,9 @@ class Config:
     """Folder with WikiText-2 (wiki.*.tokens or *.txt); default: Hugging Face Salesforce/wikitext."""
 
     def validate(self) -> None:
+        if not self.cache_theta > 0:  # 0 attends to the whole window alike; < 0 to the unlike
+            raise ValueError(f"--cache-theta={self.cache_theta} must be > 0 (the cache's "
+                             "inverse temperature; pointer.py's is 0.662)")
         check_cache_pointer(self.cache_theta, self.cache_lambda, self.cache_window)
         for name in ("emb_size", "hidden_size", "num_layers", "bptt", "eval_batch_size",
                      "cache_bptt"):

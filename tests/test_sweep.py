@@ -136,6 +136,36 @@ def test_a_sweep_killed_midway_finishes_only_what_is_missing(whole, tmp_path):
         b = json.loads((out / name / "results.json").read_text())
         for key in ("valid_accuracy", "valid_loss", "train_loss", "step"):
             assert a.get(key) == b.get(key), (name, key)
+    # Its report is the uninterrupted sweep's (wall times aside: they are measured).
+    reports = []
+    for sweep_dir in (whole, out):
+        rep = tmp_path / f"report-{sweep_dir.name}"
+        subprocess.run([sys.executable, "-m", "toolkit.cli", "report", str(sweep_dir), "--out",
+                        str(rep), "--no-wall-time"], cwd=ROOT, env=env(), check=True,
+                       capture_output=True)
+        reports.append((rep / "report.md").read_text())
+    assert reports[0] == reports[1]
+
+
+def test_the_report_of_the_grid_has_the_posts_table_and_plots(whole, tmp_path):
+    from statistics import mean, stdev
+
+    from PIL import Image
+
+    rep = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "toolkit.cli", "report", str(whole), "--out",
+                           str(rep)], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = (rep / "report.md").read_text()
+    for optim, row in (("adamw", "AdamW"), ("adam-l2", "Adam-L2")):
+        line = next(x for x in text.splitlines() if x.startswith(f"| {row} ("))
+        for cell, suffix in zip(line.split("|")[2:4], ("", "-amsgrad")):
+            acc = [json.loads((whole / f"{optim}{suffix}-seed{s}" / "results.json").read_text())
+                   ["valid_accuracy"] for s in range(3)]
+            assert f"{mean(acc):.4g} ± {stdev(acc):.2g} (n=3)" in cell, (cell, acc)
+    for png in ("train_loss.png", "valid_metric.png", "schedule.png"):
+        with Image.open(rep / png) as im:
+            assert im.size[0] >= 400 and len(set(im.convert("RGB").getdata())) > 10, png
 
 
 @pytest.mark.slurm

@@ -5,6 +5,8 @@
                                 a grid of runs, one folder per cell (--help for options)
     toolkit report RUN_DIRS... [--out DIR] [--metric KEY]
                                 the post's tables (mean +- std over seeds) and plots
+    toolkit evaluate RUN_DIR [--checkpoint step_N] [-- RECIPE FLAGS]
+                                score a trained run again (eval.json)
     toolkit wd-find RECIPE --out DIR [--wds ...] [--lr LR] [-- ARGS]
                                 the best weight decay for L2 and for decoupled decay
     toolkit memory --params N   bytes of params, grads and optimizer states per device and
@@ -31,6 +33,7 @@ def run(main: Callable[[], object]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"plot": _plot, "memory": _memory, "sweep": _sweep, "report": _report,
+                "evaluate": _evaluate,
                 "wd-find": _wd_find}
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
@@ -64,6 +67,12 @@ def _report(args: list[str]) -> None:
     from toolkit.report import main as report
 
     report(args)
+
+
+def _evaluate(args: list[str]) -> None:
+    from toolkit.evaluate import main as evaluate
+
+    evaluate(args)
 
 
 def _wd_find(args: list[str]) -> None:

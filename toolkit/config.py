@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,6 +290,24 @@ def _tyro_message(text: str) -> str:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[C], data: dict) -> C:
+    """The config ``cls`` that :func:`to_dict` turned into ``data`` (a run's config.json):
+    nested sections rebuilt, JSON lists back to tuples; fields ``data`` lacks keep their
+    defaults (a run from before they existed)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, kind = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            value = from_dict(kind, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
 
 
 def write_json(path: Path, obj) -> None:

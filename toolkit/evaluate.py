@@ -1,0 +1,119 @@
+"""``toolkit evaluate RUN_DIR``: score a trained run again, without training.
+
+    toolkit evaluate runs/digits                           # the final model.safetensors
+    toolkit evaluate runs/wt2 --checkpoint step_600 -- --cache-theta 0.5 --cache-lambda 0.2
+    torchrun --nproc_per_node 2 -m toolkit.cli evaluate runs/cifar10
+
+The run's recipe (named in ``model.json``) is rebuilt from its ``config.json``, with any
+recipe flags after ``--`` on top (the cache pointer's theta, lambda and window, ``--tta``),
+its weights loaded (the final ``model.safetensors``, or a checkpoint's), and scored with the
+recipe's evaluation: the validation pass the run logged and its final evaluation (WikiText-2:
+batch size 1 with and without the cache pointer; images: accuracy with and without TTA).
+The numbers go to ``RUN_DIR/eval.json`` (or ``--out``); the run folder is otherwise left as
+it is. Evaluation runs without DeepSpeed (DDP over the launched processes) on the full fp32
+weights, whatever strategy trained them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from toolkit import lifecycle
+from toolkit.config import from_dict, parse, write_json
+from toolkit.errors import UserError
+from toolkit.recipe import MODEL_JSON, WEIGHTS
+
+
+def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The model's full weights in a checkpoint folder (DDP, or DeepSpeed ZeRO-1/2/3)."""
+    if (folder / WEIGHTS).is_file():
+        return load_file(folder / WEIGHTS)
+    states = folder / "pytorch_model" / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise UserError(f"{folder} holds no model weights ({WEIGHTS} or DeepSpeed's "
+                        "pytorch_model/)")
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    if module and all(v.numel() > 0 for v in module.values()):
+        return module  # ZeRO-1/2 keep the whole weights there
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="pytorch_model")
+
+
+def recipe_of(run_dir: Path):
+    """The recipe module that made the run (``model.json``'s builder lives in it)."""
+    spec = run_dir / MODEL_JSON
+    if not (run_dir / "config.json").is_file() or not spec.is_file():
+        raise UserError(f"{run_dir} is not a finished run folder (no config.json and "
+                        f"{MODEL_JSON}: a run writes them)")
+    module = json.loads(spec.read_text())["builder"].partition(":")[0]
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"{spec}: cannot import the recipe {module} ({e})") from None
+
+
+def evaluate(run_dir: Path, checkpoint: str | None, overrides: list[str]) -> dict:
+    """Rebuild, load, score; the results (collective: every launched process calls it)."""
+    recipe = recipe_of(run_dir)
+    saved = from_dict(recipe.Config, json.loads((run_dir / "config.json").read_text()))
+    # A scratch output folder: evaluation writes nothing into the run but eval.json.
+    scratch = tempfile.mkdtemp(prefix="toolkit-eval-")
+    train = dataclasses.replace(saved.train, output_dir=scratch, resume=None, progress=False,
+                                strategy="ddp", deepspeed_config=None)
+    cfg = parse({"run": lambda: dataclasses.replace(saved, train=train)}, overrides)
+    if checkpoint is not None:
+        folder = run_dir / "checkpoints" / checkpoint
+        if not folder.is_dir():
+            have = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+            raise UserError(f"--checkpoint {checkpoint}: no {folder}; the run has "
+                            f"{', '.join(have) or 'no checkpoints'}")
+        weights = checkpoint_weights(folder)
+    else:
+        if not (run_dir / WEIGHTS).is_file():
+            raise UserError(f"{run_dir} has no {WEIGHTS} (an unfinished run? pass "
+                            "--checkpoint step_N)")
+        weights = load_file(run_dir / WEIGHTS)
+    torch.manual_seed(cfg.train.seed)
+    run = recipe.build(cfg)
+    trainer = run.trainer
+    trainer.unwrapped().load_state_dict(weights)
+    try:
+        results = {"run": str(run_dir), "checkpoint": checkpoint or WEIGHTS,
+                   **trainer.evaluate()}
+        if run.final_evaluation is not None:
+            results.update(run.final_evaluation())
+    finally:
+        trainer.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
+def main(argv: list[str]) -> None:
+    own, overrides = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) \
+        if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(prog="toolkit evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", help="a checkpoint of the run (step_N) instead of its "
+                   "final weights")
+    p.add_argument("--out", help="where to write the results (default RUN_DIR/eval.json)")
+    ns = p.parse_args(own)
+    run_dir = Path(ns.run_dir)
+    results = evaluate(run_dir, ns.checkpoint, overrides)
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = Path(ns.out) if ns.out else run_dir / "eval.json"
+        write_json(out, results)
+        print(", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float)))
+        print(f"wrote {out}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        lifecycle.exit_process(0)  # gloo's threads may abort the interpreter's teardown
