@@ -55,6 +55,7 @@ from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
 from toolkit.data.wikitext import Batching, load_wikitext2
 from toolkit.eval.cache_pointer import CachePointer, check_cache_pointer
+from toolkit.eval.cache_pointer import grid as cache_grid
 from toolkit.errors import UserError
 from toolkit.lm import LanguageModel, LMTrainer
 from toolkit.recipe import Run
@@ -230,7 +231,33 @@ def build(cfg: Config) -> Run:
         results["cache_eval_wall_time_s"] = round(time.time() - started, 2)
         return results
 
+    def tune_cache(thetas: list[float], lambdas: list[float]) -> dict:
+        # The run's own pair is always in the grid: the best is never worse than it.
+        thetas = sorted({*thetas, cfg.cache_theta})
+        lambdas = sorted({*lambdas, cfg.cache_lambda})
+        started = time.time()
+        recorded = trainer.record_stream(valid, cfg.cache_bptt)
+        forward_s, started = time.time() - started, time.time()
+        scores = cache_grid(recorded, thetas, lambdas, cfg.cache_window)
+        grid_s = time.time() - started
+        best = min(scores, key=scores.get)
+        default = (cfg.cache_theta, cfg.cache_lambda)
+        on_test = trainer.record_stream(test, cfg.cache_bptt)
+        test_of = {pair: cache_grid(on_test, [pair[0]], [pair[1]], cfg.cache_window)[pair]
+                   for pair in {best, default}}
+
+        def row(pair: tuple[float, float]) -> dict:
+            return {"theta": pair[0], "lambda": pair[1], "valid_cache_ppl": scores.get(pair),
+                    "test_cache_ppl": test_of.get(pair)}
+
+        return {"tune_cache": {
+            "best": row(best), "default": row(default),
+            "grid": [row(p) for p in sorted(scores)], "pairs": len(scores),
+            "forward_pass_s": round(forward_s, 2), "grid_s": round(grid_s, 2),
+            "grid_over_forward": round(grid_s / forward_s, 2) if forward_s else None}}
+
     return Run(trainer, final_evaluation=cache_pointer if cfg.cache else None,
+               tune_cache=tune_cache,
                model=(language_model, model_args(cfg, corpus.vocab_size)),
                summary=lambda r: "final: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()
                                                        if "ppl" in k))

@@ -177,3 +177,28 @@ def test_rejects_bad_values():
         CachePointer(window=0)
     with pytest.raises(ValueError, match="batch size 1"):
         CachePointer().score(torch.zeros(4, 1, 3), torch.zeros(4, 1, 8), torch.zeros(4, 1).long())
+
+
+def test_the_grid_scores_each_pair_as_the_pointer_does():
+    """grid() reuses one cache pass per theta for every lambda: each pair's perplexity is
+    exactly what CachePointer.score over the same batches gives."""
+    from toolkit.eval.cache_pointer import grid
+
+    gen = torch.Generator().manual_seed(5)
+    batches = []
+    for n in (7, 12, 5):  # three batches of a stream, the cache carried across them
+        log_probs = torch.log_softmax(torch.randn(n, 9, generator=gen), -1)
+        targets = torch.randint(0, 9, (n,), generator=gen)
+        hidden = torch.randn(n, 4, generator=gen)
+        lv = log_probs.gather(1, targets[:, None]).squeeze(1).double()
+        batches.append((lv, hidden, targets))
+    scores = grid(batches, [0.3, 1.1], [0.0, 0.2, 0.7], window=6)
+    assert len(scores) == 6
+    count = sum(len(t) for _, _, t in batches)
+    for (theta, lam), ppl in scores.items():
+        pointer, ll = CachePointer(theta, lam, 6), 0.0
+        for lv, hidden, targets in batches:
+            ll += pointer.score(lv, hidden, targets)[0]
+        assert ppl == math.exp(-ll / count), (theta, lam)
+    no_cache = math.exp(-sum(lv.sum().item() for lv, _, _ in batches) / count)
+    assert scores[(0.3, 0.0)] == pytest.approx(no_cache, rel=1e-12)

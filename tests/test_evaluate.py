@@ -83,3 +83,22 @@ def test_wikitext2_with_the_cache_pointer_reproduces_its_results(tmp_path):
     assert other["valid_cache_ppl"] != got["valid_cache_ppl"]
     proc = evaluate(str(run), "--", "--cache-theta", "0", check=False)
     assert proc.returncode == 2 and "theta" in proc.stderr and proc.stderr.count("\n") == 1
+    # One forward pass, a grid of (theta, lambda): the run's own pair scores its results.
+    proc = evaluate(str(run), "--tune-cache", "--thetas", "0.2", "0.5", "--lambdas", "0.1",
+                    "0.2", "--out", str(tmp_path / "tune.json"))
+    tune = json.loads((tmp_path / "tune.json").read_text())["tune_cache"]
+    assert tune["pairs"] == 3 * 3  # the run's 0.662 and 0.1279 join the lists
+    default, best = tune["default"], tune["best"]
+    assert (default["theta"], default["lambda"]) == (0.662, 0.1279)
+    assert default["valid_cache_ppl"] == pytest.approx(results["valid_cache_ppl"], rel=1e-12)
+    assert default["test_cache_ppl"] == pytest.approx(results["test_cache_ppl"], rel=1e-12)
+    assert best["valid_cache_ppl"] == min(r["valid_cache_ppl"] for r in tune["grid"])
+    assert best["valid_cache_ppl"] <= default["valid_cache_ppl"]
+    assert tune["forward_pass_s"] > 0 and "pairs in" in proc.stdout
+    proc = evaluate(str(run), "--tune-cache", "--thetas", "0", check=False)
+    assert proc.returncode == 2 and "--thetas" in proc.stderr
+
+
+def test_tune_cache_needs_a_language_model(digits):
+    proc = evaluate(str(digits), "--tune-cache", check=False)
+    assert proc.returncode == 2 and "no cache pointer to tune" in proc.stderr

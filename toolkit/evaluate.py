@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -63,7 +64,12 @@ def recipe_of(run_dir: Path):
         raise UserError(f"{spec}: cannot import the recipe {module} ({e})") from None
 
 
-def evaluate(run_dir: Path, checkpoint: str | None, overrides: list[str]) -> dict:
+THETAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+
+
+def evaluate(run_dir: Path, checkpoint: str | None, overrides: list[str],
+             tune: tuple[list[float], list[float]] | None = None) -> dict:
     """Rebuild, load, score; the results (collective: every launched process calls it)."""
     recipe = recipe_of(run_dir)
     saved = from_dict(recipe.Config, json.loads((run_dir / "config.json").read_text()))
@@ -93,6 +99,11 @@ def evaluate(run_dir: Path, checkpoint: str | None, overrides: list[str]) -> dic
                    **trainer.evaluate()}
         if run.final_evaluation is not None:
             results.update(run.final_evaluation())
+        if tune is not None:
+            if run.tune_cache is None:
+                raise UserError(f"--tune-cache: {recipe.__name__} has no cache pointer to tune "
+                                "(a language-model recipe has)")
+            results.update(run.tune_cache(*tune))
     finally:
         trainer.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -107,13 +118,30 @@ def main(argv: list[str]) -> None:
     p.add_argument("--checkpoint", help="a checkpoint of the run (step_N) instead of its "
                    "final weights")
     p.add_argument("--out", help="where to write the results (default RUN_DIR/eval.json)")
+    p.add_argument("--tune-cache", action="store_true", help="search the cache pointer's theta "
+                   "and lambda on the validation set (the run's own pair included)")
+    p.add_argument("--thetas", type=float, nargs="+", default=list(THETAS))
+    p.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
     ns = p.parse_args(own)
+    bad = [t for t in ns.thetas if not (t > 0 and math.isfinite(t))] + \
+          [x for x in ns.lambdas if not 0 <= x <= 1]
+    if bad:
+        raise UserError(f"--thetas must be > 0 and --lambdas in [0, 1]; got {bad[0]}")
     run_dir = Path(ns.run_dir)
-    results = evaluate(run_dir, ns.checkpoint, overrides)
+    results = evaluate(run_dir, ns.checkpoint, overrides,
+                       (ns.thetas, ns.lambdas) if ns.tune_cache else None)
     if int(os.environ.get("RANK", "0")) == 0:
         out = Path(ns.out) if ns.out else run_dir / "eval.json"
         write_json(out, results)
         print(", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float)))
+        if "tune_cache" in results:
+            t = results["tune_cache"]
+            b, d = t["best"], t["default"]
+            print(f"cache pointer: best theta {b['theta']} lambda {b['lambda']}: valid "
+                  f"{b['valid_cache_ppl']:.2f}, test {b['test_cache_ppl']:.2f} (the run's "
+                  f"{d['theta']}/{d['lambda']}: {d['valid_cache_ppl']:.2f} / "
+                  f"{d['test_cache_ppl']:.2f}); {t['pairs']} pairs in {t['grid_s']} s, one "
+                  f"forward pass {t['forward_pass_s']} s")
         print(f"wrote {out}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         lifecycle.exit_process(0)  # gloo's threads may abort the interpreter's teardown

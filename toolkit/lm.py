@@ -177,3 +177,20 @@ class LMTrainer(Trainer):
         if cache is not None:
             out["cache_ppl"] = math.exp(-cache_ll / count)
         return out
+
+    @torch.no_grad()
+    def record_stream(self, ids: Tensor, bptt: int = 2000) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The forward pass of :meth:`score_stream` once, kept: per batch the targets' log
+        p_vocab (float64), the last layer's outputs and the targets, for scoring many cache
+        pointers without running the model again (:func:`~toolkit.eval.cache_pointer.grid`)."""
+        model = self.model if self.deepspeed else self.unwrapped()
+        device = self.accelerator.device
+        model.eval()
+        hidden = self.unwrapped().init_hidden(1)
+        kept = []
+        for x, y, _ in BPTTStream(ids, 1, bptt, variable=False).batches():
+            x, y = x.to(device), y.to(device)
+            logp, output, hidden, _ = model(x, y, hidden)
+            kept.append((logp[:, 0].double(), output[:, 0].detach(), y[:, 0]))
+        model.train()
+        return kept

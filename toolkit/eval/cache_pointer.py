@@ -102,18 +102,26 @@ class CachePointer:
         n = len(targets)
         if n == 0:
             return 0.0, 0
+        lv = torch.cat([self._target_log_probs(log_probs, hidden, targets, a,
+                                               min(a + self.chunk_size, n)).double()
+                        for a in range(0, n, self.chunk_size)])
+        p_cache, uses_cache = self.cache_probs(hidden, targets)
+        return mix(lv, p_cache, uses_cache, self.lambda_), n
+
+    @torch.no_grad()
+    def cache_probs(self, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """For one batch of the stream: p_cache of each target (float64 [seq]) and whether
+        its position uses the cache ([seq] bool); the history moves on. Independent of
+        lambda, so a grid over lambda needs one pass per theta (:func:`mix`)."""
+        n = len(targets)
         dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         h = hidden.detach().to(dtype)
         keys = h if self._keys is None else torch.cat([self._keys, h])
         words = targets if self._words is None else torch.cat([self._words, targets])
         m = len(keys) - n  # retained history: pointer.py's start_idx
-        log_keep = math.log1p(-self.lambda_)
-        log_lam = math.log(self.lambda_) if self.lambda_ > 0 else -math.inf
-
-        per_token = []
+        probs, uses = [], []
         for a in range(0, n, self.chunk_size):
             b = min(a + self.chunk_size, n)
-            lv = self._target_log_probs(log_probs, hidden, targets, a, b).double()
             g = torch.arange(m + a, m + b, device=keys.device)  # each query's index in keys
             lo, hi = max(0, m + a - self.window), m + b - 1  # the keys any query here may see
             s = (self.theta * h[a:b]) @ keys[lo:hi].T  # [chunk, keys]
@@ -132,19 +140,13 @@ class CachePointer:
             # lambda * window * e^-87 (~1e-35) to p, nothing next to p_vocab, and sharing
             # the max saves a second logsumexp over [chunk, keys].
             attn = torch.softmax(s, dim=1)
-            p_cache = attn.masked_fill_(words[lo:hi] != targets[a:b, None], 0).sum(dim=1)
-            # No match gives log 0 = -inf, so p = (1 - lambda) * p_vocab, as it should.
-            log_cache = p_cache.double().log()
-            mixed = torch.logaddexp(log_keep + lv, log_lam + log_cache)
-            uses_cache = g > self.window if self.awd_warmup else g > 0
-            # torch.where, not arithmetic: rows without a cache hold NaN (a softmax over no keys).
-            per_token.append(torch.where(uses_cache, mixed, lv))
-
+            probs.append(attn.masked_fill_(words[lo:hi] != targets[a:b, None], 0)
+                         .sum(dim=1).double())
+            uses.append(g > self.window if self.awd_warmup else g > 0)
         # Keep the tail as its own tensor so the batch's full keys can be freed.
         self._keys = keys[-self.window:].clone()
         self._words = words[-self.window:].clone()
-        # One float64 sum over all tokens: with lambda 0 it equals the model's sum exactly.
-        return torch.cat(per_token).sum().item(), n
+        return torch.cat(probs), torch.cat(uses)
 
     @staticmethod
     def _target_log_probs(log_probs: LogProbs, hidden: Tensor, targets: Tensor,
@@ -155,6 +157,40 @@ class CachePointer:
         if log_probs.dim() == 1:
             return log_probs[a:b]
         return log_probs[a:b].gather(1, targets[a:b, None]).squeeze(1)
+
+
+def mix(lv: Tensor, p_cache: Tensor, uses_cache: Tensor, lambda_: float) -> float:
+    """Log-likelihood of a batch under ``(1 - lambda) * p_vocab + lambda * p_cache``, from
+    the targets' log p_vocab ``lv`` and :meth:`CachePointer.cache_probs` (float64)."""
+    log_keep = math.log1p(-lambda_)
+    log_lam = math.log(lambda_) if lambda_ > 0 else -math.inf
+    # No match gives log 0 = -inf, so p = (1 - lambda) * p_vocab, as it should.
+    mixed = torch.logaddexp(log_keep + lv, log_lam + p_cache.log())
+    # torch.where, not arithmetic: rows without a cache hold NaN (a softmax over no keys).
+    # One float64 sum over all tokens: with lambda 0 it equals the model's sum exactly.
+    return torch.where(uses_cache, mixed, lv).sum().item()
+
+
+def grid(batches: list[tuple[Tensor, Tensor, Tensor]], thetas: list[float],
+         lambdas: list[float], window: int = 3785, *, awd_warmup: bool = False
+         ) -> dict[tuple[float, float], float]:
+    """Perplexity of a recorded stream (:meth:`toolkit.lm.LMTrainer.record_stream`: per
+    batch the targets' log p_vocab, hidden states, targets) for every (theta, lambda): one
+    cache pass per theta, every lambda from the same p_cache; each pair scores exactly what
+    :meth:`CachePointer.score` over the stream gives."""
+    for lam in lambdas:
+        check_cache_pointer(thetas[0] if thetas else 1.0, lam, window)
+    count = sum(len(t) for _, _, t in batches)
+    out = {}
+    for theta in thetas:
+        pointer = CachePointer(theta, 0.0, window, awd_warmup=awd_warmup)
+        parts = [(lv, *pointer.cache_probs(h, t)) for lv, h, t in batches]
+        for lam in lambdas:
+            ll = 0.0
+            for lv, p_cache, uses in parts:  # batch by batch, as score_stream adds them
+                ll += mix(lv, p_cache, uses, lam)
+            out[(theta, lam)] = math.exp(-ll / count)
+    return out
 
 
 def cache_pointer_reference(
