@@ -258,6 +258,8 @@ def build(cfg: Config) -> Run:
 
     return Run(trainer, final_evaluation=cache_pointer if cfg.cache else None,
                tune_cache=tune_cache,
+               generate=lambda n, temperature, seed: corpus.decode(trainer.unwrapped().sample(
+                   corpus.eos_id, n, temperature, seed)),
                model=(language_model, model_args(cfg, corpus.vocab_size)),
                summary=lambda r: "final: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()
                                                        if "ppl" in k))

@@ -1,7 +1,7 @@
 """``toolkit evaluate RUN_DIR``: a finished run scored again from its config.json and weights
 gives the numbers it reported (digits at the end and at a checkpoint, one process or two;
-WikiText-2 with the cache pointer, whose theta and lambda can be changed); bad input is one
-line."""
+WikiText-2 with the cache pointer, whose theta and lambda can be changed or searched from
+one forward pass; a seeded sample of text); bad input is one line."""
 
 from __future__ import annotations
 
@@ -97,8 +97,20 @@ def test_wikitext2_with_the_cache_pointer_reproduces_its_results(tmp_path):
     assert tune["forward_pass_s"] > 0 and "pairs in" in proc.stdout
     proc = evaluate(str(run), "--tune-cache", "--thetas", "0", check=False)
     assert proc.returncode == 2 and "--thetas" in proc.stderr
+    # A sample: seeded, so the same seed gives the same text.
+    texts = []
+    for i, seed in enumerate(("1", "1", "2")):
+        out = tmp_path / f"sample{i}.json"
+        evaluate(str(run), "--generate", "25", "--temperature", "0.8", "--seed", seed,
+                 "--out", str(out))
+        sample = json.loads(out.read_text())["sample"]
+        assert sample["tokens"] == 25 and sample["text"].strip()
+        texts.append(sample["text"])
+    assert texts[0] == texts[1] != texts[2]
 
 
-def test_tune_cache_needs_a_language_model(digits):
+def test_tune_cache_and_samples_need_a_language_model(digits):
     proc = evaluate(str(digits), "--tune-cache", check=False)
     assert proc.returncode == 2 and "no cache pointer to tune" in proc.stderr
+    proc = evaluate(str(digits), "--generate", "5", check=False)
+    assert proc.returncode == 2 and "not a language model" in proc.stderr

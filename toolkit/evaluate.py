@@ -69,7 +69,8 @@ LAMBDAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 
 
 def evaluate(run_dir: Path, checkpoint: str | None, overrides: list[str],
-             tune: tuple[list[float], list[float]] | None = None) -> dict:
+             tune: tuple[list[float], list[float]] | None = None,
+             generate: tuple[int, float, int] | None = None) -> dict:
     """Rebuild, load, score; the results (collective: every launched process calls it)."""
     recipe = recipe_of(run_dir)
     saved = from_dict(recipe.Config, json.loads((run_dir / "config.json").read_text()))
@@ -104,6 +105,12 @@ def evaluate(run_dir: Path, checkpoint: str | None, overrides: list[str],
                 raise UserError(f"--tune-cache: {recipe.__name__} has no cache pointer to tune "
                                 "(a language-model recipe has)")
             results.update(run.tune_cache(*tune))
+        if generate is not None:
+            if run.generate is None:
+                raise UserError(f"--generate: {recipe.__name__} is not a language model")
+            n, temperature, seed = generate
+            results["sample"] = {"tokens": n, "temperature": temperature, "seed": seed,
+                                 "text": run.generate(n, temperature, seed)}
     finally:
         trainer.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -120,6 +127,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--out", help="where to write the results (default RUN_DIR/eval.json)")
     p.add_argument("--tune-cache", action="store_true", help="search the cache pointer's theta "
                    "and lambda on the validation set (the run's own pair included)")
+    p.add_argument("--generate", type=int, metavar="N", help="language models: print N "
+                   "tokens sampled from the model")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample")
     p.add_argument("--thetas", type=float, nargs="+", default=list(THETAS))
     p.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
     ns = p.parse_args(own)
@@ -127,13 +138,21 @@ def main(argv: list[str]) -> None:
           [x for x in ns.lambdas if not 0 <= x <= 1]
     if bad:
         raise UserError(f"--thetas must be > 0 and --lambdas in [0, 1]; got {bad[0]}")
+    if ns.generate is not None and ns.generate < 1:
+        raise UserError(f"--generate {ns.generate} must be >= 1 token")
+    if not (ns.temperature > 0 and math.isfinite(ns.temperature)):
+        raise UserError(f"--temperature {ns.temperature} must be > 0")
     run_dir = Path(ns.run_dir)
     results = evaluate(run_dir, ns.checkpoint, overrides,
-                       (ns.thetas, ns.lambdas) if ns.tune_cache else None)
+                       (ns.thetas, ns.lambdas) if ns.tune_cache else None,
+                       (ns.generate, ns.temperature, ns.seed) if ns.generate else None)
     if int(os.environ.get("RANK", "0")) == 0:
         out = Path(ns.out) if ns.out else run_dir / "eval.json"
         write_json(out, results)
         print(", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float)))
+        if "sample" in results:
+            print(f"--- {ns.generate} tokens sampled at temperature {ns.temperature}:\n"
+                  f"{results['sample']['text']}\n---")
         if "tune_cache" in results:
             t = results["tune_cache"]
             b, d = t["best"], t["default"]

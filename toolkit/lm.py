@@ -71,6 +71,31 @@ class LanguageModel(nn.Module):
             logp = -F.cross_entropy(self.body.logits(flat).float(), y, reduction="none")
         return logp.view_as(targets), output, hidden, penalty
 
+    def log_probs(self, output: Tensor) -> Tensor:
+        """Log-probabilities over the vocabulary [n, vocab] of last-layer outputs [n, dim]."""
+        if self.adaptive is not None:
+            return self.adaptive.log_prob(output.float())
+        return torch.log_softmax(self.body.logits(output).float(), -1)
+
+    @torch.no_grad()
+    def sample(self, first: int, n: int, temperature: float = 1.0, seed: int = 0) -> list[int]:
+        """``n`` token ids sampled one at a time after the id ``first`` (e.g. ``<eos>``,
+        the start of a line), each from the softmax at ``temperature``, dropout off."""
+        if not temperature > 0:
+            raise UserError(f"--temperature={temperature} must be > 0")
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        gen = torch.Generator(device).manual_seed(seed)
+        hidden, token, out = self.init_hidden(1), torch.tensor([[first]], device=device), []
+        for _ in range(n):
+            output, hidden, _ = self.body(token, hidden)
+            probs = (self.log_probs(output[-1]) / temperature).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=gen)
+            out.append(int(token))
+        self.train(was_training)
+        return out
+
 
 class LMTrainer(Trainer):
     """:class:`~toolkit.trainer.Trainer` for BPTT language modelling.

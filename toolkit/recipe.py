@@ -64,6 +64,9 @@ class Run:
     """Language models: score the cache pointer on the validation set for every (theta,
     lambda) of the two lists from one forward pass; the best pair's test perplexity too
     (``toolkit evaluate --tune-cache``)."""
+    generate: Callable[[int, float, int], str] | None = None
+    """Language models: the text of ``n`` tokens sampled at a temperature with a seed
+    (``toolkit evaluate --generate N``)."""
     model: tuple[Callable[..., nn.Module], dict] | None = None
     """The recipe's function that builds the model and its arguments (JSON values): a
     finished run writes both beside its weights (:func:`export_model`), and
