@@ -41,10 +41,10 @@ from torch import nn
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
 from toolkit.data.cars import SIZE, SideOn, cars_data
-from toolkit.eval.tta import tta_accuracy
+from toolkit.eval.tta import accuracy_line, tta_accuracy
 from toolkit.models.resnet import resnet50
 from toolkit.recipe import Run
-from toolkit.trainer import Stage, Trainer
+from toolkit.trainer import Trainer, head_first
 
 
 @dataclass
@@ -119,10 +119,8 @@ def build(cfg: Config) -> Run:
     model, groups = resnet50(len(classes), cfg.weights, pretrained=cfg.pretrained)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    stages = [Stage(cfg.train.epochs, cfg.optim, cfg.schedule)]
-    if cfg.freeze_epochs:
-        head = dataclasses.replace(cfg.optim, lr=cfg.freeze_lr, lr_mults=None)
-        stages.insert(0, Stage(cfg.freeze_epochs, head, cfg.schedule, train_groups=(2,)))
+    stages = head_first(cfg.train.epochs, cfg.optim, cfg.schedule, head=len(groups) - 1,
+                        freeze_epochs=cfg.freeze_epochs, freeze_lr=cfg.freeze_lr)
     trainer = Trainer(model, train_set, test_set, train=cfg.train, stages=stages,
                       layer_groups=groups, recipe_config=to_dict(cfg))
 
@@ -132,10 +130,7 @@ def build(cfg: Config) -> Run:
 
     return Run(trainer, final_evaluation=tta if cfg.tta else None,
                model=(build_model, {"num_classes": len(classes)}),
-               summary=lambda r: f"test accuracy {r['valid_accuracy']:.4f}" + (
-                   f", with TTA {r['tta_accuracy']:.4f} (fixed views "
-                   f"{r['tta_fixed_accuracy']:.4f})" if cfg.tta else "")
-               + f" after {r['step']} steps ({r['wall_time_s']} s)")
+               summary=accuracy_line)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from torch import nn
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
 from toolkit.data.cifar import device_data, load_cifar10
-from toolkit.eval.tta import tta_accuracy
+from toolkit.eval.tta import accuracy_line, tta_accuracy
 from toolkit.models.resnet9 import ResNet9
 from toolkit.models.wrn import wrn_22
 from toolkit.recipe import Run
@@ -114,9 +114,7 @@ def build(cfg: Config) -> Run:
 
     return Run(trainer, final_evaluation=tta if cfg.tta else None,
                model=(build_model, {"name": cfg.model, "width": cfg.width}),
-               summary=lambda r: f"test accuracy {r['valid_accuracy']:.4f}" + (
-                   f", with TTA {r['tta_accuracy']:.4f} (fixed views {r['tta_fixed_accuracy']:.4f})"
-                   if cfg.tta else "") + f" after {r['step']} steps ({r['wall_time_s']} s)")
+               summary=accuracy_line)
 
 
 if __name__ == "__main__":

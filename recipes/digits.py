@@ -36,9 +36,9 @@ from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_d
 from toolkit.data.cifar import CifarAugment
 from toolkit.data.source import DeviceTensors
 from toolkit.errors import UserError
-from toolkit.eval.tta import tta_accuracy
+from toolkit.eval.tta import accuracy_line, tta_accuracy
 from toolkit.recipe import Run
-from toolkit.trainer import Stage, Trainer
+from toolkit.trainer import Trainer, head_first
 
 
 @dataclass
@@ -141,10 +141,8 @@ def build(cfg: Config) -> Run:
                                       crops(cfg.shift) if cfg.shift else None)
     model = convnet(cfg.width, cfg.dropout)
     groups = [model[:5], model[5:8], model[8:]]  # two conv blocks, the last conv, the head
-    stages = [Stage(cfg.train.epochs, cfg.optim, cfg.schedule)]
-    if cfg.freeze_epochs:
-        head = dataclasses.replace(cfg.optim, lr=cfg.freeze_lr, lr_mults=None)
-        stages.insert(0, Stage(cfg.freeze_epochs, head, cfg.schedule, train_groups=(2,)))
+    stages = head_first(cfg.train.epochs, cfg.optim, cfg.schedule, head=len(groups) - 1,
+                        freeze_epochs=cfg.freeze_epochs, freeze_lr=cfg.freeze_lr)
     trainer = Trainer(model, train_set, test_set, train=cfg.train, stages=stages,
                       layer_groups=groups, recipe_config=to_dict(cfg))
 
@@ -155,10 +153,7 @@ def build(cfg: Config) -> Run:
 
     return Run(trainer, final_evaluation=tta if cfg.tta else None,
                model=(convnet, {"width": cfg.width, "dropout": cfg.dropout}),
-               summary=lambda r: f"test accuracy {r['valid_accuracy']:.4f}" + (
-                   f", with TTA {r['tta_accuracy']:.4f} (fixed views "
-                   f"{r['tta_fixed_accuracy']:.4f})" if cfg.tta else "")
-               + f" after {r['step']} steps ({r['wall_time_s']} s)")
+               summary=accuracy_line)
 
 
 if __name__ == "__main__":

@@ -156,47 +156,43 @@ def wait_for_checkpoint(run: Path, step: int, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
+def fault_node_two(slurm, out: Path, sig: int, args: str, step: int, **env: str):
+    """Start a 2-node job, send ``sig`` to its worker on n2 once checkpoint ``step`` is
+    committed; (state, exit code, seconds from the signal to the job's end, its log)."""
+    job = submit(slurm, TRAIN, out, "-N", "2", "--ntasks-per-node=1", ARGS=args, **env)
+    wait_for_checkpoint(out, step)
+    victims = worker_pids(out, "n2")
+    assert victims, "no worker of the job found on n2"
+    sent = time.monotonic()
+    for pid in victims:
+        os.kill(pid, sig)
+    state, code = slurm.wait(job, 120)
+    seconds = time.monotonic() - sent
+    assert not worker_pids(out, "n1") and not worker_pids(out, "n2")
+    assert slurm.job(job)["Restarts"] == "0"
+    return state, code, seconds, Path(f"{out}.log").read_text()
+
+
 def test_a_silent_node_ends_the_job_after_the_timeout(slurm, tmp_path):
     """A node that stops answering (its worker SIGSTOPped: sockets open, nothing sent): the
     other rank gives up after --dist-timeout seconds with one error line, and srun ends the
     silent task TASK_WAIT seconds later."""
-    out = tmp_path / "silent"
-    job = submit(slurm, TRAIN, out, "-N", "2", "--ntasks-per-node=1", TASK_WAIT="3",
-                 ARGS="--epochs 60 --checkpoint-every 40 --dist-timeout 8")
-    wait_for_checkpoint(out, 40)
-    victims = worker_pids(out, "n2")
-    assert victims, "no worker of the job found on n2"
-    stopped = time.monotonic()
-    for pid in victims:
-        os.kill(pid, signal.SIGSTOP)
-    state, code = slurm.wait(job, 120)
-    exit_s = time.monotonic() - stopped
+    state, code, exit_s, log = fault_node_two(
+        slurm, tmp_path / "silent", signal.SIGSTOP, "--epochs 60 --checkpoint-every 40 "
+        "--dist-timeout 8", 40, TASK_WAIT="3")
     assert state == "FAILED", (state, code)
-    log = Path(f"{out}.log").read_text()
     assert "error: lost contact with another process of this run" in log, log
     assert 8 <= exit_s < 8 + 3 + 30, exit_s
-    assert not worker_pids(out, "n1") and not worker_pids(out, "n2")
     print(f"a silent node: the job ended {exit_s:.1f} s after (--dist-timeout 8, TASK_WAIT 3)")
 
 
 def test_a_dead_node_ends_the_job_and_a_resubmission_resumes(slurm, tmp_path):
     out = tmp_path / "node-dies"
     args = "--epochs 60 --checkpoint-every 40 --dist-timeout 60"
-    job = submit(slurm, TRAIN, out, "-N", "2", "--ntasks-per-node=1", ARGS=args)
-    wait_for_checkpoint(out, 80)
-    victims = worker_pids(out, "n2")
-    assert victims, "no worker of the job found on n2"
-    killed = time.monotonic()
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
-    state, code = slurm.wait(job, 120)
-    exit_s = time.monotonic() - killed
+    state, code, exit_s, log = fault_node_two(slurm, out, signal.SIGKILL, args, 80)
     assert state == "FAILED" and code != "0:0", (state, code)
-    log = Path(f"{out}.log").read_text()
     assert "failed with exit code" in log and "requeueing" not in log, log
     assert "error: lost contact with another process of this run" in log, log
-    assert slurm.job(job)["Restarts"] == "0"
-    assert not worker_pids(out, "n1") and not worker_pids(out, "n2")
     print(f"the surviving rank's job ended {exit_s:.1f} s after its peer was killed")
     again = submit(slurm, TRAIN, out, "-N", "2", "--ntasks-per-node=1", ARGS=args)
     assert slurm.wait(again, 300) == ("COMPLETED", "0:0")

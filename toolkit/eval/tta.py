@@ -149,3 +149,12 @@ def tta_accuracy(trainer, eval_batches: Iterable, augment: Augment, n_aug: int =
         result[f"{names[kind]}_accuracy"] = totals[2 * i].item() / count
         result[f"{names[kind]}_loss"] = totals[2 * i + 1].item() / count
     return result
+
+
+def accuracy_line(results: dict) -> str:
+    """The image recipes' last line: test accuracy, with TTA when the results have it."""
+    line = f"test accuracy {results['valid_accuracy']:.4f}"
+    if "tta_accuracy" in results:
+        line += (f", with TTA {results['tta_accuracy']:.4f} (fixed views "
+                 f"{results['tta_fixed_accuracy']:.4f})")
+    return line + f" after {results['step']} steps ({results['wall_time_s']} s)"
