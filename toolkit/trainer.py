@@ -309,10 +309,6 @@ class Trainer:
         resume = checkpoint.resume_point(self.accelerator, self.train_cfg.resume, ckpt_dir)
         if self.is_main and self.recipe_config is not None and resume is None:
             write_json(self.out / "config.json", self.recipe_config)
-        if self.is_main:
-            provenance.record(self.out, self.accelerator.device,
-                              self.accelerator.num_processes, self.strategy)
-            drop_torn_row(self.out / "metrics.jsonl")
         self.accelerator.wait_for_everyone()
         if resume is not None:
             # The stage first: the checkpoint holds that stage's optimizer and schedule.
@@ -326,6 +322,10 @@ class Trainer:
                                 f"{state['total_steps']} steps, this one has {self.total_steps}: "
                                 "resume with the same --epochs/--max-steps/--batch-size")
             self.print(f"resumed from {resume} at step {self.step}/{self.total_steps}")
+        if self.is_main:  # only once the resume is sound: a refused run changes nothing
+            provenance.record(self.out, self.accelerator.device,
+                              self.accelerator.num_processes, self.strategy)
+            drop_torn_row(self.out / "metrics.jsonl")
         self.accelerator.init_trackers("tensorboard")
         acc, opt = self.accelerator, self.scheduler.optimizer
         self.print(f"training {self.total_steps} steps ({self.epochs_str()}) on "
