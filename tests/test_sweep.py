@@ -97,6 +97,7 @@ def whole(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # the 12-cell grid twice: ~4 minutes on 2 cores
 def test_the_post_grid_of_digits_one_folder_per_cell(whole):
     folders = sorted(p.name for p in whole.iterdir() if p.is_dir())
     assert len(folders) == 12 and "adamw-amsgrad-seed2" in folders
@@ -108,6 +109,7 @@ def test_the_post_grid_of_digits_one_folder_per_cell(whole):
         assert json.loads((whole / name / "results.json").read_text())["step"] == 44
 
 
+@pytest.mark.slow  # the 12-cell grid twice: ~4 minutes on 2 cores
 def test_a_sweep_killed_midway_finishes_only_what_is_missing(whole, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "sweep", DIGITS, "--out",
@@ -147,6 +149,7 @@ def test_a_sweep_killed_midway_finishes_only_what_is_missing(whole, tmp_path):
     assert reports[0] == reports[1]
 
 
+@pytest.mark.slow  # the 12-cell grid twice: ~4 minutes on 2 cores
 def test_the_report_of_the_grid_has_the_posts_table_and_plots(whole, tmp_path):
     from statistics import mean, stdev
 
