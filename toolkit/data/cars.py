@@ -290,10 +290,10 @@ def decode(path: str) -> torch.Tensor:
 class CarsImages(Dataset):
     """Stanford Cars examples as (normalized float ``[3, size, size]``, label).
 
-    With ``augment`` (a :class:`SideOn`) the key is ``(epoch, index)`` (what
-    a ``Loader(..., epoch_keys=True)`` passes) and the augmentation's numbers come from a generator seeded
-    by (``seed``, epoch, index); without, the key is the index and the image gets the eval
-    transform. ``crop_to_box`` first crops to the devkit's bounding box (the post did not).
+    With ``augment`` (a :class:`SideOn`) the key is ``(epoch, index)`` (what a
+    ``Loader(..., epoch_keys=True)`` passes) and the augmentation's numbers come from a
+    generator seeded by (``seed``, epoch, index); without, the key is the index and the image
+    gets the eval transform. ``crop_to_box`` first crops to the devkit's bounding box (the post did not).
     """
 
     def __init__(self, samples: list[Sample], *, size: int = SIZE, augment: SideOn | None = None,
