@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import ROOT, launch
+from test_stages import weights
 from toolkit.recipe import load_model
 
 CIFAR = ROOT / "recipes" / "cifar10.py"
@@ -22,16 +22,6 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no CIFAR-10 at {DATA
 SMALL = ["--preset", "cpu", "--data-dir", str(DATA), "--width", "4", "--batch-size", "64",
          "--max-steps", "6", "--checkpoint-every", "3", "--keep-checkpoints", "5",
          "--no-progress"]
-
-
-def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    """The model's weights in a checkpoint (a ZeRO-1/2 one keeps them whole in DeepSpeed's
-    model-states file)."""
-    folder = run / "checkpoints" / f"step_{step}"
-    if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors")
-    return torch.load(folder / "pytorch_model" / "mp_rank_00_model_states.pt",
-                      weights_only=False)["module"]
 
 
 @pytest.fixture(scope="module")

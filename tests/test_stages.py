@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import DIGITS, launch
+from toolkit.evaluate import checkpoint_weights
 
 ARGS = ["--freeze-epochs", "2", "--epochs", "2", "--freeze-lr", "1e-2", "--optim.lr", "3e-3",
         "--optim.lr-mults", "0.111", "0.333", "1", "--checkpoint-every", "11",
@@ -20,12 +20,8 @@ STEPS = 22  # per epoch: 1,437 training images // 64
 
 
 def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    """The model's weights in a checkpoint (ZeRO-1/2 keep them whole in DeepSpeed's file)."""
-    folder = run / "checkpoints" / f"step_{step}"
-    if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors")
-    return torch.load(folder / "pytorch_model" / "mp_rank_00_model_states.pt",
-                      weights_only=False)["module"]
+    """The model's weights in a checkpoint (DDP's file, or DeepSpeed's)."""
+    return checkpoint_weights(run / "checkpoints" / f"step_{step}")
 
 
 @pytest.fixture(scope="module")
