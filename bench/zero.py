@@ -7,7 +7,7 @@ of width 512, hidden 2048: large enough that the all-reduce and the optimizer st
 next to forward and backward) through :class:`toolkit.trainer.Trainer`, times
 ``trainer.optimizer_step`` (forward, backward, gradient reduction, step, 1cycle) after a
 warm-up, and reports per rank: the median step time, the bytes of each optimizer state
-(:func:`toolkit.strategy.optimizer_state_bytes`), the model parameters it holds, the fp32
+(:func:`toolkit.parallel.optimizer_state_bytes`), the model parameters it holds, the fp32
 master copy DeepSpeed keeps beside them, and its peak RSS. The parent prints one table with
 ratios to DDP from the same run and checks that ZeRO halves the optimizer states: each
 rank's bytes of each state within 5% of the unsharded size / 2.
@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from report import device_name, emit
-from toolkit.strategy import CONCRETE as STRATEGIES  # every strategy a run can have
+from toolkit.parallel import CONCRETE as STRATEGIES  # every strategy a run can have
 
 ROOT = Path(__file__).resolve().parents[1]
 D_IN, WIDTH, HIDDEN, BLOCKS, CLASSES = 512, 512, 2048, 4, 10
@@ -76,7 +76,7 @@ def rss_bytes() -> int:
 def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    from toolkit import strategy
+    from toolkit import parallel as strategy
     from toolkit.config import OptimConfig, ScheduleConfig, TrainConfig
     from toolkit.data.source import DeviceTensors
     from toolkit.trainer import Trainer

@@ -58,7 +58,7 @@ def test_keeps_newest_committed(run):
         folder = ckpt / f"step_{step}"
         marker = json.loads((folder / MARKER).read_text())
         files = marker.pop("files")
-        assert marker == {"step": step, "world_size": 1, "zero_stage": 0}
+        assert marker == {"step": step, "world_size": 1, "layout": "ddp"}
         assert {"model.safetensors", "optimizer.bin", "trainer_0.pt"} <= set(files)
         for name, rec in files.items():
             assert rec["bytes"] == (folder / name).stat().st_size

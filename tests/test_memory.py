@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, dumps, env, launch
-from toolkit import strategy
+from toolkit import parallel as strategy
 from toolkit.cli import main
 from toolkit.config import OptimConfig
 from toolkit.errors import UserError
 from toolkit.memory import CATEGORIES, estimate, parse_count
-from toolkit.strategy import CONCRETE
+from toolkit.parallel import CONCRETE
 
 ZERO = ("zero1", "zero2", "zero3", "zero2-offload", "zero3-offload")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import DIGITS, launch
-from toolkit.evaluate import checkpoint_weights
+from toolkit.checkpoint import weights as checkpoint_weights
 
 ARGS = ["--freeze-epochs", "2", "--epochs", "2", "--freeze-lr", "1e-2", "--optim.lr", "3e-3",
         "--optim.lr-mults", "0.111", "0.333", "1", "--checkpoint-every", "11",

@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from conftest import CPU_2PROC, DIGITS, ROOT, TINY, dumps, launch
-from toolkit import strategy, zero
+from toolkit import parallel as strategy
+from toolkit.parallel import zero
 from toolkit.errors import UserError
 
 FAST = [("zero2", True), ("zero3", True)]
@@ -165,7 +166,7 @@ def test_user_json_conflicts_are_one_line_errors():
     with pytest.raises(UserError, match=r"zero_optimization.stage=3"):
         zero.merge(ours, {"zero_optimization": {"stage": 3}})
     with pytest.raises(UserError, match="unknown"):
-        strategy.parse_strategy("zero4")
+        strategy.check_name("zero4")
 
 
 def test_a_deepspeed_optimizer_section_is_refused(tmp_path):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from toolkit import lifecycle, recipe, strategy
+from toolkit import lifecycle, parallel, recipe
 from toolkit.cli import run
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, parse, to_dict
 from toolkit.data.source import DeviceTensors, Loader
@@ -94,7 +94,7 @@ class TinyTrainer(Trainer):
 
     def optimizer_step(self, it, step_schedule=True):
         # Read from the optimizer that really steps: inside the DeepSpeed engine, if any.
-        inner = strategy.torch_optimizer(getattr(self.model, "optimizer", None) or self.optimizer)
+        inner = self.parallel.torch_optimizer()
         group = inner.param_groups[0]
         self.schedule_seen.append({"lr": float(group["lr"]), "beta1": beta1_of(group)})
         loss = super().optimizer_step(it, step_schedule)
@@ -129,15 +129,15 @@ def main() -> None:
         torch.save({"world": acc.num_processes, "rank": acc.process_index,
                     "distributed_type": str(acc.distributed_type), "seen": trainer.seen,
                     "schedule": trainer.schedule_seen, "result": out,
-                    "optimizer_bytes": strategy.optimizer_state_bytes(trainer.optimizer),
-                    "params": strategy.full_state_dict(acc, trainer.model),
+                    "optimizer_bytes": parallel.optimizer_state_bytes(trainer.optimizer),
+                    "params": trainer.parallel.full_state_dict(),
                     "bn_batches": bn_batches},
                    f"{cfg.dump}.rank{acc.process_index}.pt")
     trainer.close()
     out.pop("rng", None)
     print("RESULT " + json.dumps({"rank": int(os.environ.get("RANK", 0)), **out}), flush=True)
     code = recipe.STOPPED if out.get("stopped") else recipe.FINISHED
-    if trainer.deepspeed or trainer.accelerator.num_processes > 1:
+    if trainer.parallel.hard_exit():
         lifecycle.exit_process(code)
     sys.exit(code)
 

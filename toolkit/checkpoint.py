@@ -6,10 +6,10 @@ proves all ranks finished, the main process writes the ``COMMITTED`` marker, fsy
 renames the folder in one step. A folder without the marker is never resumed from, so a
 crash mid-save can only lose the checkpoint being written. The newest ``keep`` are kept.
 
-A checkpoint resumes on another number of processes; DeepSpeed ZeRO shards are re-cut for
-it by the engine's loader as :func:`toolkit.zero.any_world` patches it. The marker records the
-ZeRO stage (:func:`toolkit.zero.stage`, 0 without DeepSpeed): another stage's shards do not
-fit, and resuming under one is refused in one line. RNG states are restored by us and fail
+What each rank writes and reads is its strategy's (:meth:`toolkit.parallel.base.Strategy.save`),
+and a checkpoint resumes on another number of processes (ZeRO shards are re-cut, FSDP2's
+reshard). The marker records the strategy's ``layout``: another layout's files do not fit,
+and resuming under one is refused in one line. RNG states are restored by us and fail
 loudly: Accelerate's ``load_state`` logs and goes on when it cannot restore them, which would
 make a resumed run silently differ.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolkit import zero
+from toolkit import parallel
 from toolkit.atomic import fsync_dir, write_atomic
 from toolkit.distributed import all_reduce_sum, gather_objects
 from toolkit.errors import UserError
@@ -229,7 +229,7 @@ def _collectively(accelerator, work, tmp: Path, ckpt_dir: Path, main_only: bool 
                         "error line)")
 
 
-def save(accelerator, ckpt_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
+def save(strategy, ckpt_dir: Path, step: int, trainer_state: dict, keep: int) -> Path:
     """Save every rank's state as ``ckpt_dir/step_{step}``; collective: call on all ranks.
 
     Every file's size and CRC-32 go into the marker (:func:`check` verifies them on resume).
@@ -238,6 +238,7 @@ def save(accelerator, ckpt_dir: Path, step: int, trainer_state: dict, keep: int)
     """
     final = ckpt_dir / f"step_{step}"
     tmp = ckpt_dir / f".tmp-step_{step}"
+    accelerator = strategy.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
 
     def prepare():
@@ -246,7 +247,7 @@ def save(accelerator, ckpt_dir: Path, step: int, trainer_state: dict, keep: int)
         tmp.mkdir()
 
     def write():
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        strategy.save(tmp)
         torch.save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_{rank}.pt")
 
     _collectively(accelerator, prepare, tmp, ckpt_dir, main_only=True)
@@ -257,7 +258,7 @@ def save(accelerator, ckpt_dir: Path, step: int, trainer_state: dict, keep: int)
         files.update(share)
 
     def commit():
-        marker = {"step": step, "world_size": world, "zero_stage": zero.stage(accelerator),
+        marker = {"step": step, "world_size": world, "layout": strategy.layout,
                   "files": dict(sorted(files.items()))}
         write_atomic(tmp / MARKER, json.dumps(marker))  # fsyncs the file and tmp
         if final.exists():  # from before a resume at an earlier step: this one replaces it
@@ -271,17 +272,23 @@ def save(accelerator, ckpt_dir: Path, step: int, trainer_state: dict, keep: int)
     return final
 
 
-def load(accelerator, path: Path) -> dict:
+def layout_of(marker: dict) -> str:
+    """The strategy layout a marker records (older markers: only the ZeRO stage)."""
+    stage = marker.get("zero_stage", 0)
+    return marker.get("layout") or (f"zero{stage}" if stage else "ddp")
+
+
+def load(strategy, path: Path) -> dict:
     """Restore model, optimizer, scheduler, scaler and RNG from ``path``; return trainer state."""
     marker = read_marker(path)
+    accelerator = strategy.accelerator
     rank, world = accelerator.process_index, accelerator.num_processes
     own = path / f"trainer_{rank}.pt"
-    saved_stage, stage = marker.get("zero_stage", 0), zero.stage(accelerator)
-    if saved_stage != stage and (saved_stage or stage):
-        raise UserError(f"checkpoint {path} was saved under ZeRO stage {saved_stage} and this run "
-                        f"uses stage {stage}: resume with the strategy it was saved with")
+    if layout_of(marker) != strategy.layout:
+        raise UserError(f"checkpoint {path} was saved under {layout_of(marker)} and this run "
+                        f"uses {strategy.name}: resume with the strategy it was saved with")
     try:
-        accelerator.load_state(str(path))
+        strategy.load(path)
         state = torch.load(own if own.exists() else path / "trainer_0.pt", weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which checkpoint, no traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -297,3 +304,13 @@ def load(accelerator, path: Path) -> dict:
                   f"{world}: dropout RNG streams reseeded from the step")
         torch.manual_seed(state["step"] * 1000 + rank)
     return state
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The model's full weights in a checkpoint folder, whatever strategy saved it (one
+    process, no process group)."""
+    layout = layout_of(read_marker(folder)) if committed(folder) else "ddp"
+    found = parallel.STRATEGIES[layout].checkpoint_weights(folder)
+    if found is None:
+        raise UserError(f"{folder} holds no model weights of a {layout} checkpoint")
+    return found

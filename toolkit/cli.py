@@ -87,7 +87,7 @@ def _memory(args: list[str]) -> None:
     from toolkit import memory
     from toolkit.distributed import PRECISIONS
     from toolkit.optim import OPTIMIZERS
-    from toolkit.strategy import CONCRETE
+    from toolkit.parallel import CONCRETE
 
     parser = argparse.ArgumentParser(
         prog="toolkit memory",

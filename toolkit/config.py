@@ -32,7 +32,7 @@ from toolkit.atomic import write_atomic
 from toolkit.distributed import Precision
 from toolkit.errors import UserError
 from toolkit.optim import Impl, OptimizerName
-from toolkit.strategy import Strategy
+from toolkit.parallel import Strategy
 
 
 @dataclass
@@ -149,9 +149,9 @@ class TrainConfig:
     precision: Precision = "fp32"
     """Mixed precision (fp16 uses a loss scaler)."""
     strategy: Strategy = "auto"
-    """auto = what the launcher set up (DDP over its processes, or an Accelerate DeepSpeed
-    config); zeroN = DeepSpeed ZeRO stage N; -offload = optimizer state (and stage-3
-    parameters) in CPU memory."""
+    """auto = what the launcher set up (DDP over its processes, or an Accelerate DeepSpeed or
+    FSDP2 config); zeroN = DeepSpeed ZeRO stage N; fsdp2 = torch's fully_shard; -offload =
+    optimizer state (and zero3/fsdp2 parameters) in CPU memory."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON to merge into the generated one (extra keys; conflicts are errors)."""
     eval_every: int = 0

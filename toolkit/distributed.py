@@ -4,8 +4,8 @@ Accelerate 1.15 on a machine without GPU gives every process launched by ``torch
 ``accelerate launch --multi_gpu`` a world of one (``DistributedType.NO``), and the run
 trains N independent models without a word. ``ACCELERATE_USE_CPU=true`` set before
 ``Accelerator()`` makes it ``MULTI_CPU`` over gloo. We set it, then check the world size we
-really train with against the launcher's ``WORLD_SIZE``. DeepSpeed's own set-up (its
-environment, its plugin and gloo group) is :mod:`toolkit.zero`'s.
+really train with against the launcher's ``WORLD_SIZE``. What a strategy needs of the
+environment and of ``Accelerator()`` is its own (:mod:`toolkit.parallel`).
 
 :data:`Precision` names the precisions a run can have, and :func:`micro_batch` is the one
 split of a global batch over processes and accumulation steps.
@@ -21,9 +21,9 @@ from typing import Literal, get_args
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.utils import InitProcessGroupKwargs
 
-from toolkit import strategy, zero
+from toolkit.parallel.base import Strategy
 from toolkit.errors import UserError
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -43,14 +43,6 @@ def micro_batch(batch_size: int, world: int, grad_accum: int = 1) -> int:
         raise UserError(f"batch_size={batch_size} must be a positive multiple of processes x "
                         f"grad_accum = {world} x {grad_accum} = {parts}")
     return batch_size // parts
-
-
-def prepare_env(deepspeed: bool = False) -> None:
-    """Call before ``Accelerator()``: multi-process CPU runs need ``ACCELERATE_USE_CPU``
-    (without DeepSpeed: with it, that flag turns the run into plain MULTI_CPU)."""
-    zero.prepare_env(deepspeed)
-    if not torch.cuda.is_available() and launcher_world_size() > 1 and not deepspeed:
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def check_world_size(accelerator: Accelerator) -> None:
@@ -87,32 +79,27 @@ def gather_objects(obj) -> list:
     return [obj]
 
 
-def make_accelerator(strategy_flag: str, deepspeed_json: str | None, *, batch_size: int,
-                     grad_accum: int, clip: float | None, precision: Precision,
-                     project_dir: Path, find_unused_parameters: bool = False,
-                     timeout_s: float = 600) -> tuple[Accelerator, str]:
-    """The ``Accelerator`` for a run and the strategy it runs (see :mod:`toolkit.strategy`).
+def make_accelerator(strategy: Strategy, *, batch_size: int, grad_accum: int,
+                     clip: float | None, precision: Precision, project_dir: Path,
+                     freezes: bool = False, timeout_s: float = 600) -> Accelerator:
+    """The ``Accelerator`` for a run of ``strategy`` (:mod:`toolkit.parallel`).
 
     ``batch_size`` is the global batch per optimizer step; the DeepSpeed config, when there
     is one, is generated from these values so that it cannot disagree with the loop.
-    ``timeout_s``: how long a collective waits for the other ranks before it fails (a rank
-    whose node died never answers; torch's default is 10 to 30 minutes).
+    ``freezes``: a stage trains only some layer groups. ``timeout_s``: how long a collective
+    waits for the other ranks before it fails (a rank whose node died never answers; torch's
+    default is 10 to 30 minutes).
     """
-    name, user = strategy.resolve(strategy_flag, deepspeed_json)
-    stage, offload = strategy.parse_strategy(name)
-    prepare_env(deepspeed=stage > 0)
     world = launcher_world_size()
-    kwargs = zero.accelerator_kwargs(
-        stage, offload, micro_batch=micro_batch(batch_size, world, grad_accum),
-        grad_accum=grad_accum, world=world, clip=clip, precision=precision, user=user)
+    strategy.prepare_env(world)
+    kwargs = strategy.accelerator_kwargs(
+        micro_batch=micro_batch(batch_size, world, grad_accum), grad_accum=grad_accum,
+        world=world, clip=clip, precision=precision, freezes=freezes)
     if world > 1:
         # Named on CPU, or Accelerate's DeepSpeed set-up reports one process.
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         kwargs["kwargs_handlers"] = [*kwargs["kwargs_handlers"], InitProcessGroupKwargs(
             backend=backend, timeout=datetime.timedelta(seconds=timeout_s))]
-    if find_unused_parameters:  # layers frozen for a stage: DDP must not wait for their grads
-        kwargs["kwargs_handlers"] = [*kwargs["kwargs_handlers"],
-                                     DistributedDataParallelKwargs(find_unused_parameters=True)]
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               log_with="tensorboard", project_dir=str(project_dir), **kwargs)
     check_world_size(accelerator)
@@ -120,4 +107,6 @@ def make_accelerator(strategy_flag: str, deepspeed_json: str | None, *, batch_si
         # Accelerate 1.15 would silently train in fp32 (no autocast, no scaler) on CPU.
         raise UserError("precision=fp16 needs a GPU (on CPU Accelerate ignores it and trains "
                         "in fp32); use --precision bf16 or fp32 on CPU")
-    return accelerator, name
+    strategy.grad_accum = grad_accum
+    strategy.check(precision=precision, clip=clip, freezes=freezes, device=accelerator.device)
+    return accelerator

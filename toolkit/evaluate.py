@@ -10,8 +10,8 @@ its weights loaded (the final ``model.safetensors``, or a checkpoint's), and sco
 recipe's evaluation: the validation pass the run logged and its final evaluation (WikiText-2:
 batch size 1 with and without the cache pointer; images: accuracy with and without TTA).
 The numbers go to ``RUN_DIR/eval.json`` (or ``--out``); the run folder is otherwise left as
-it is. Evaluation runs without DeepSpeed (DDP over the launched processes) on the full fp32
-weights, whatever strategy trained them.
+it is. Evaluation runs under DDP (over the launched processes) on the full fp32 weights, whatever
+strategy trained them.
 """
 
 from __future__ import annotations
@@ -29,26 +29,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from toolkit import lifecycle
+from toolkit import checkpoint, lifecycle
 from toolkit.config import from_dict, parse, write_json
 from toolkit.errors import UserError
 from toolkit.recipe import MODEL_JSON, WEIGHTS
-
-
-def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The model's full weights in a checkpoint folder (DDP, or DeepSpeed ZeRO-1/2/3)."""
-    if (folder / WEIGHTS).is_file():
-        return load_file(folder / WEIGHTS)
-    states = folder / "pytorch_model" / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise UserError(f"{folder} holds no model weights ({WEIGHTS} or DeepSpeed's "
-                        "pytorch_model/)")
-    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
-    if module and all(v.numel() > 0 for v in module.values()):
-        return module  # ZeRO-1/2 keep the whole weights there
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="pytorch_model")
 
 
 def recipe_of(run_dir: Path):
@@ -85,7 +69,7 @@ def evaluate(run_dir: Path, checkpoint: str | None, overrides: list[str],
             have = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
             raise UserError(f"--checkpoint {checkpoint}: no {folder}; the run has "
                             f"{', '.join(have) or 'no checkpoints'}")
-        weights = checkpoint_weights(folder)
+        weights = checkpoint.weights(folder)
     else:
         if not (run_dir / WEIGHTS).is_file():
             raise UserError(f"{run_dir} has no {WEIGHTS} (an unfinished run? pass "

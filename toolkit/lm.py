@@ -5,8 +5,8 @@
 (Grave et al., 2017) over a vocabulary sorted by frequency, whose head holds the frequent
 words and whose smaller tail clusters the rare ones. Its one ``forward`` returns the
 log-probability of each target and the hidden states the cache pointer reads, so training,
-evaluation and the cache all go through the prepared model (a DeepSpeed ZeRO-3 engine needs
-its own forward to gather its partitioned parameters).
+evaluation and the cache all go through the prepared model (a sharded model gathers its
+parameters in its own forward).
 
 :class:`LMTrainer` trains it on a :class:`~toolkit.data.wikitext.BPTTStream`, AWD-LSTM's way:
 one batch of variable length is one optimizer step, the hidden state is carried from batch to
@@ -180,10 +180,10 @@ class LMTrainer(Trainer):
 
         Batch size 1 cannot be split over processes, so every rank computes the whole stream
         and the same numbers: no collective of its own, hence no rank waits for another that
-        skipped it, and under ZeRO-3 each forward is the engine's (whose gathers every rank
-        joins). Without DeepSpeed the unwrapped model is used (no DDP bookkeeping).
+        skipped it, and under a sharding strategy each forward is the sharded model's (whose
+        gathers every rank joins): the strategy's scoring model.
         """
-        model = self.model if self.deepspeed else self.unwrapped()
+        model = self.parallel.scoring_model()
         device = self.accelerator.device
         model.eval()
         hidden = self.unwrapped().init_hidden(1)
@@ -208,7 +208,7 @@ class LMTrainer(Trainer):
         """The forward pass of :meth:`score_stream` once, kept: per batch the targets' log
         p_vocab (float64), the last layer's outputs and the targets, for scoring many cache
         pointers without running the model again (:func:`~toolkit.eval.cache_pointer.grid`)."""
-        model = self.model if self.deepspeed else self.unwrapped()
+        model = self.parallel.scoring_model()
         device = self.accelerator.device
         model.eval()
         hidden = self.unwrapped().init_hidden(1)

@@ -2,18 +2,16 @@
 each strategy: what the device holds and, with offload, what the process's CPU RAM holds.
 
 The arithmetic is the ZeRO paper's (Rajbhandari et al. 2020, sec. 3, Figure 1: Ψ = 7.5B,
-N = 64, mixed-precision Adam gives 120 / 31.4 / 16.6 / 1.9 GB for DDP / stages 1, 2, 3),
-with the choices DeepSpeed 0.19.8 makes (``runtime/zero/stage_1_and_2.py``, ``stage3.py``):
+N = 64, mixed-precision Adam gives 120 / 31.4 / 16.6 / 1.9 GB for DDP / stages 1, 2, 3);
+each strategy's own choices are its ``memory`` (:mod:`toolkit.parallel`):
 
-- DDP (one process is ``ddp`` at world 1, as :mod:`toolkit.strategy` names it): Accelerate's
-  mixed precision is autocast, so weights, gradients and optimizer states stay fp32
-  whatever ``precision`` says.
+- DDP (one process is ``ddp`` at world 1): Accelerate's mixed precision is autocast, so
+  weights, gradients and optimizer states stay fp32 whatever ``precision`` says.
 - ZeRO casts the model to 16 bits under bf16/fp16 and steps an fp32 *master* partition.
   Stages 1-2 clone that partition even in fp32, and so does offload; only stage 3 in fp32
   on the device steps the parameters' own partition.
-- Stage 1 shards the optimizer states and master, stage 2 the gradients too, stage 3 the
-  parameters too. Offload moves master, states and an fp32 gradient partition (the one the
-  CPU optimizer reads) to CPU RAM; zero3-offload moves the parameter partitions there too.
+- FSDP2 shards fp32 weights, gradients and states (bf16 copies of a block live only while
+  it is gathered); fsdp2-offload keeps them all in CPU RAM.
 
 Activations, the CUDA context and temporary buffers are not counted (see :data:`NOTES`).
 
@@ -27,19 +25,15 @@ from decimal import Decimal, InvalidOperation
 from toolkit.distributed import PRECISIONS, Precision
 from toolkit.errors import UserError
 from toolkit.optim import OPTIMIZERS, OptimizerName
-from toolkit.strategy import CONCRETE, Concrete
-
-# The names torch gives each state, so estimates compare key by key with
-# ``toolkit.strategy.optimizer_state_bytes``.
-STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
-CATEGORIES = ("params", "grads", "master_params", *STATES)
-PLACES = ("device", "cpu")
+from toolkit import parallel
+from toolkit.parallel import CONCRETE, Concrete
+from toolkit.parallel.base import CATEGORIES, PLACES, STATES  # noqa: F401
 MODELS = ("awd-lstm", "awd-qrnn")
 
 NOTES = (
     "ddp: bf16/fp16 is autocast, so weights, gradients and states stay fp32. ZeRO keeps "
     "bf16/fp16 weights and gradients and steps an fp32 master copy (stages 1-2 and offload "
-    "clone it in fp32 too).",
+    "clone it in fp32 too). FSDP2 keeps fp32 shards and gathers bf16 copies block by block.",
     "Not counted: activations, the CUDA context, temporary buffers (DDP's gradient buckets, "
     "DeepSpeed's reduce/gather buckets and prefetched ZeRO-3 layers, the fp32 gradient "
     "partition built during a ZeRO step without offload).",
@@ -81,30 +75,8 @@ def estimate(n_params: int, strategy: Concrete, world: int = 1, precision: Preci
     Defaults: fp32 AdamW without AMSGrad.
     """
     check(n_params, strategy, world, precision, optimizer, amsgrad)
-    out = {f"{place}.{c}": 0 for place in PLACES for c in CATEGORIES}
-    if strategy == "ddp":
-        # Every process holds everything, in fp32 (autocast only touches activations).
-        out["device.params"] = out["device.grads"] = 4 * n_params
-        for s in state_names(optimizer, amsgrad):
-            out[f"device.{s}"] = 4 * n_params
-    else:
-        stage, offload = int(strategy[4]), strategy.endswith("-offload")
-        part = -(-n_params // world)  # ceil: the last rank's partition is padded
-        model_bytes = 4 if precision == "fp32" else 2
-        optim_place = "cpu" if offload else "device"
-        if stage < 3:
-            out["device.params"] = model_bytes * n_params
-        else:
-            out[f"{optim_place}.params"] = model_bytes * part
-        if offload:
-            # The reduced partition goes straight into the CPU optimizer's fp32 buffer.
-            out["cpu.grads"] = 4 * part
-        else:
-            out["device.grads"] = model_bytes * (n_params if stage == 1 else part)
-        if stage < 3 or offload or precision != "fp32":
-            out[f"{optim_place}.master_params"] = 4 * part
-        for s in state_names(optimizer, amsgrad):
-            out[f"{optim_place}.{s}"] = 4 * part
+    out = parallel.memory(strategy, n_params, world, precision,
+                          state_names(optimizer, amsgrad))
     for place in PLACES:
         out[f"{place}.total"] = sum(out[f"{place}.{c}"] for c in CATEGORIES)
     return out

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from toolkit import lifecycle, strategy
+from toolkit import lifecycle
 from toolkit.atomic import write_atomic
 from toolkit.config import parse, write_json
 from toolkit.errors import UserError, error_line
@@ -87,10 +87,10 @@ def _function_name(fn: Callable) -> str:
 
 def export_model(run: Run) -> None:
     """Write the trained weights as one fp32 ``model.safetensors`` (gathered from ZeRO-3
-    shards and offload) and ``model.json`` (builder and arguments) into the run folder,
-    atomically. Collective: every rank calls it."""
+    or FSDP2 shards and offload) and ``model.json`` (builder and arguments) into the run
+    folder, atomically. Collective: every rank calls it."""
     trainer = run.trainer
-    state = strategy.full_state_dict(trainer.accelerator, trainer.model)
+    state = trainer.parallel.full_state_dict()
     if trainer.is_main:
         from safetensors.torch import save
 
@@ -176,6 +176,6 @@ def main(presets: Mapping[str, Callable], build: Callable[..., Run],
             f"node died; the newest complete checkpoint in {run.trainer.out / 'checkpoints'} "
             "is where --resume auto goes on"))
         code = CRASHED
-    if run is not None and (run.trainer.deepspeed or run.trainer.accelerator.num_processes > 1):
+    if run is not None and run.trainer.parallel.hard_exit():
         lifecycle.exit_process(code)
     sys.exit(code)

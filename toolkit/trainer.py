@@ -17,7 +17,6 @@ order (:mod:`toolkit.sampler`) so that resume is exact mid-epoch (accelerate #20
 from __future__ import annotations
 
 import bisect
-import contextlib
 import itertools
 import json
 import math
@@ -31,12 +30,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import DistributedType, send_to_device
+from accelerate.utils import send_to_device
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from toolkit import batchnorm, checkpoint, lifecycle, lr_finder, provenance, strategy, zero
+from toolkit import batchnorm, checkpoint, lifecycle, lr_finder, parallel, provenance
 from toolkit.config import OptimConfig, ScheduleConfig, TrainConfig, write_json
 from toolkit.data.source import Data
 from toolkit.distributed import all_reduce_sum, make_accelerator, micro_batch
@@ -108,12 +107,12 @@ class Trainer:
         check_stages(self.stages, len(layer_groups) if layer_groups else 1)
         if lifecycle.launched():
             lifecycle.exit_with_launcher()
-        acc, self.strategy = make_accelerator(
-            train.strategy, train.deepspeed_config, batch_size=train.batch_size,
-            grad_accum=train.grad_accum, clip=train.clip, precision=train.precision,
-            project_dir=self.out, timeout_s=train.dist_timeout,
-            find_unused_parameters=any(s.train_groups is not None for s in self.stages))
-        self.accelerator = acc
+        self.parallel = parallel.build(train.strategy, train.deepspeed_config)
+        acc = self.accelerator = make_accelerator(
+            self.parallel, batch_size=train.batch_size, grad_accum=train.grad_accum,
+            clip=train.clip, precision=train.precision, project_dir=self.out,
+            timeout_s=train.dist_timeout,
+            freezes=any(s.train_groups is not None for s in self.stages))
         world, rank = acc.num_processes, acc.process_index
         self.micro_batch = micro_batch(train.batch_size, world, train.grad_accum)
         shard = dict(batch_size=train.batch_size, world=world, rank=rank, device=acc.device)
@@ -129,18 +128,17 @@ class Trainer:
             self.stage_ends = [self.total_steps]
         if train.sync_batchnorm:
             model = batchnorm.sync_batchnorm(model)
-        optimizer = self.stages[0].optim.build(model, layer_groups)
-        # Each parameter's layer group, for freezing: DeepSpeed's groups hold flat copies.
-        self._grouped = [(p, g["layer_group"]) for g in optimizer.param_groups
-                         for p in g["params"]]
-        self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
-        if self.deepspeed and train.clip is not None and any(
-                st.train_groups is not None for st in self.stages):
-            raise UserError("--clip with a stage that freezes layer groups under DeepSpeed: its "
-                            "frozen groups keep their gradients (stepped at lr 0), which the "
-                            "clipping norm would count; use --strategy ddp or no --clip")
-        zero.any_world(self.model)
+
+        def build_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+            optimizer = self.stages[0].optim.build(model, layer_groups)
+            # Each parameter's layer group, for freezing (a ZeRO engine's groups hold flat
+            # copies, FSDP2's the sharded parameters: read before wrapping).
+            self._grouped = [(p, g["layer_group"]) for g in optimizer.param_groups
+                             for p in g["params"]]
+            return optimizer
+
+        self.parallel.prepare(acc, model, build_optimizer)
+        self.model, self.optimizer = self.parallel.model, self.parallel.optimizer
         self.stage = -1
         self.enter_stage(0)
         acc.register_for_checkpointing(_CurrentSchedule(self))
@@ -178,8 +176,8 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def unwrapped(self) -> nn.Module:
-        """The model without its DDP/DeepSpeed wrapper."""
-        return self.accelerator.unwrap_model(self.model)
+        """The model without its strategy's wrapper."""
+        return self.parallel.unwrapped()
 
     def epoch_at(self, step: int) -> float:
         return self.train_data.epoch_at(step)
@@ -191,26 +189,23 @@ class Trainer:
     def enter_stage(self, index: int) -> None:
         """Set up stage ``index`` at its first step: a fresh optimizer state, the stage's
         hyperparameters in every group, its frozen layers and its 1cycle. The schedule drives
-        the torch optimizer that really steps (inside DeepSpeed's wrapper, if any).
+        the torch optimizer that really steps (inside its strategy's wrapper, if any).
 
         A frozen layer group stops taking gradients (``requires_grad``) and its BatchNorms
         are marked ``frozen`` (:class:`~toolkit.models.FreezableSequential` keeps them in
-        eval mode). A DeepSpeed engine fixes the parameters it steps when it is built, so
-        there the frozen groups keep their gradients and are stepped at lr 0 instead: the
-        same weights, the backward pass through them spent."""
+        eval mode). A strategy that cannot stop a group's gradients (a ZeRO engine) steps
+        it at lr 0 instead (:meth:`~toolkit.parallel.base.Strategy.freeze`)."""
         if index == self.stage:
             return
-        stage, inner = self.stages[index], strategy.torch_optimizer(self.optimizer)
+        stage, inner = self.stages[index], self.parallel.torch_optimizer()
         inner.state.clear()
         n = 1 + max(g for _, g in self._grouped)
         mults = stage.optim.lr_mults or (1.0,) * n
         trains = [stage.train_groups is None or g in stage.train_groups for g in range(n)]
+        factors = self.parallel.freeze(self._grouped, trains)
         for group in inner.param_groups:
             g = group["layer_group"]
-            stage.optim.write_hparams(group, mults[g] if trains[g] or not self.deepspeed else 0.0)
-        if not self.deepspeed:
-            for p, g in self._grouped:
-                p.requires_grad_(trains[g])
+            stage.optim.write_hparams(group, mults[g] * factors[g])
         group_of = {id(p): g for p, g in self._grouped}
         for m in self.unwrapped().modules():
             if isinstance(m, _BatchNorm):
@@ -225,25 +220,13 @@ class Trainer:
 
     def optimizer_step(self, it, step_schedule: bool = True) -> torch.Tensor:
         """Accumulate ``grad_accum`` micro-batches from ``it``, clip, step; mean loss."""
-        acc, accum = self.accelerator, self.train_cfg.grad_accum
-        total = torch.zeros((), device=acc.device)
+        device, accum = self.accelerator.device, self.train_cfg.grad_accum
+        total = torch.zeros((), device=device)
         for a in range(accum):
-            batch = send_to_device(next(it), acc.device)
-            last = a == accum - 1
-            if self.deepspeed:
-                loss = self.train_step(batch)
-                zero.backward_and_step(self.model, loss, last)
-            else:
-                # Gradients are all-reduced only on the last micro-batch of the step.
-                with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                    loss = self.train_step(batch)
-                    acc.backward(loss / accum)
+            batch = send_to_device(next(it), device)
+            loss = self.parallel.forward_backward(lambda: self.train_step(batch), a == accum - 1)
             total += loss.detach().float()
-        if not self.deepspeed:
-            if self.train_cfg.clip is not None:
-                acc.clip_grad_norm_(self.model.parameters(), self.train_cfg.clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.parallel.step(self.train_cfg.clip)
         if step_schedule:
             self.scheduler.step()
         return total / accum
@@ -313,7 +296,7 @@ class Trainer:
         if resume is not None:
             # The stage first: the checkpoint holds that stage's optimizer and schedule.
             self.enter_stage(self.stage_at(checkpoint.read_marker(resume)["step"]))
-            state = checkpoint.load(self.accelerator, resume)
+            state = checkpoint.load(self.parallel, resume)
             self.step = state["step"]
             self._saved = (self.step, resume)  # no second save of the same step
             self.load_extra_state(state.get("extra", {}))
@@ -324,13 +307,13 @@ class Trainer:
             self.print(f"resumed from {resume} at step {self.step}/{self.total_steps}")
         if self.is_main:  # only once the resume is sound: a refused run changes nothing
             provenance.record(self.out, self.accelerator.device,
-                              self.accelerator.num_processes, self.strategy)
+                              self.accelerator.num_processes, self.parallel.name)
             drop_torn_row(self.out / "metrics.jsonl")
         self.accelerator.init_trackers("tensorboard")
         acc, opt = self.accelerator, self.scheduler.optimizer
         self.print(f"training {self.total_steps} steps ({self.epochs_str()}) on "
                    f"{acc.num_processes} process(es), {acc.distributed_type.value} "
-                   f"({self.strategy}), "
+                   f"({self.parallel.name}), "
                    f"{acc.device}, {self.train_cfg.precision}; "
                    f"global batch {self.train_cfg.batch_size} = "
                    f"{acc.num_processes} x {self.train_cfg.grad_accum} x {self.micro_batch}; "
@@ -339,7 +322,7 @@ class Trainer:
 
     def save(self) -> Path:
         if self._saved is None or self._saved[0] != self.step:  # not twice at one step
-            path = checkpoint.save(self.accelerator, self.out / "checkpoints", self.step,
+            path = checkpoint.save(self.parallel, self.out / "checkpoints", self.step,
                                    {"step": self.step, "total_steps": self.total_steps,
                                     "extra": self.extra_state()},
                                    self.train_cfg.keep_checkpoints)
@@ -426,14 +409,14 @@ class Trainer:
         lr_finder.check_sweep(start_lr, end_lr, num_steps)
         self.claim_output_dir()
         acc, opt = self.accelerator, self.scheduler.optimizer
-        # Snapshot through Accelerate's state saving: the one way that also restores ZeRO
-        # shards, DeepSpeed's counters and the loss scaler. Collective, like the sweep.
+        # Snapshot through the strategy's checkpoint: the one way that also restores sharded
+        # states, an engine's counters and the loss scaler. Collective, like the sweep.
         snapshot = self.out / ".lr_find_state"
         if self.is_main:
             shutil.rmtree(snapshot, ignore_errors=True)
             snapshot.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(snapshot))
+        self.parallel.save(snapshot)
         saved_rng, saved_step = checkpoint.rng_state(), self.step
         top = max(self.scheduler.base_lrs)
         ratios = [b / top for b in self.scheduler.base_lrs]
@@ -447,7 +430,7 @@ class Trainer:
             return loss.item() / acc.num_processes
 
         result = lr_finder.sweep(step, start_lr, end_lr, num_steps, smooth, stop_div)
-        acc.load_state(str(snapshot))
+        self.parallel.load(snapshot)
         checkpoint.set_rng_state(saved_rng)
         self.step = saved_step
         acc.wait_for_everyone()

@@ -1,12 +1,8 @@
-"""DeepSpeed ZeRO, in one place: its config, its environment, and our patches of its loader.
-
-What is written against DeepSpeed 0.19.8, Accelerate 1.15 and torch 2.14 lives here, so that
-the rest of the toolkit stays generic: :mod:`toolkit.strategy` turns a strategy's name into a
-stage (reading the launcher's config with :func:`from_launcher`), :mod:`toolkit.distributed`
-calls :func:`prepare_env` and passes :func:`accelerator_kwargs` to ``Accelerator()``, the
-trainer calls :func:`any_world` once the model is prepared, :mod:`toolkit.checkpoint` records
-:func:`stage` in its marker. (Not ``toolkit/deepspeed.py``: a module of that name would
-shadow the package in some import styles.)
+"""DeepSpeed ZeRO 1/2/3 and CPU offload as a :class:`~toolkit.parallel.base.Strategy`: its
+config, its environment, its checkpoints, and our patches of its loader. The one module of
+the toolkit written against DeepSpeed (0.19.8, through Accelerate 1.15 and torch 2.14).
+(Not ``parallel/deepspeed.py``: a module of that name would shadow the package in some
+import styles.)
 
 **Config.** The DeepSpeed config is *generated* from the toolkit's own settings
 (micro-batch, accumulation, clipping, precision, stage, offload), so the two can never
@@ -26,12 +22,15 @@ process group must be gloo, named explicitly, or Accelerate reports one process.
 ``python recipe.py --strategy zero2`` (no launcher) gets a world of one on this host, else
 DeepSpeed goes looking for MPI.
 
+**Frozen layer groups.** An engine fixes the parameters it steps when it is built, so a
+stage's frozen groups keep their gradients and are stepped at lr 0: the same weights, the
+backward pass through them spent (and ``--clip`` would count their gradients: refused).
+
 **Checkpoints on another world size.** DeepSpeed 0.19.8 refuses a ZeRO checkpoint of another
 data-parallel world, and its universal conversion keeps only ``exp_avg``/``exp_avg_sq``.
 :func:`any_world` replaces the engine's shard loading with one that re-cuts the flat fp32
 weights and *every* optimizer state (AMSGrad's ``max_exp_avg_sq`` included) for this world.
-Resuming under another ZeRO stage is refused by :mod:`toolkit.checkpoint` (from
-:func:`stage`).
+Another ZeRO stage's checkpoint does not fit: its :attr:`ZeRO.layout` differs.
 """
 
 from __future__ import annotations
@@ -51,6 +50,7 @@ import torch
 from accelerate.utils import DeepSpeedPlugin
 
 from toolkit.errors import UserError
+from toolkit.parallel.base import Estimate, Strategy, empty_estimate
 
 
 # ---- the generated config --------------------------------------------------------------
@@ -136,46 +136,6 @@ def merge(ours: dict, user: dict, prefix: str = "") -> dict:
                             f"config gives {json.dumps(ours[key])}; set it through the toolkit's "
                             "flags or write \"auto\"")
     return out
-
-
-# ---- environment and Accelerate --------------------------------------------------------
-def prepare_env(enabled: bool) -> None:
-    """Call before ``Accelerator()``; ``enabled``: this run uses ZeRO."""
-    if enabled and "WORLD_SIZE" not in os.environ:
-        # A plain `python recipe.py --strategy zero2`: without a launcher's variables
-        # DeepSpeed goes looking for MPI. One process is a world of one on this host.
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
-            os.environ.setdefault(key, value)
-    if enabled:
-        # DeepSpeed 0.19.8 calls torch's deprecated all_gather_into_tensor at every step; torch
-        # 2.14 warns each time, burying the progress bar.
-        warnings.filterwarnings("ignore", r"`torch\.distributed\.all_gather_into_tensor` is "
-                                "deprecated", FutureWarning)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's ops and comm on CPU
-
-
-def accelerator_kwargs(stage: int, offload: bool, *, micro_batch: int, grad_accum: int,
-                       world: int, clip: float | None, precision: str,
-                       user: dict | None = None) -> dict:
-    """``Accelerator()``'s ``deepspeed_plugin`` and ``kwargs_handlers`` for ZeRO ``stage``
-    (none for stage 0), with the config of :func:`deepspeed_config`."""
-    plugin = None if not stage else DeepSpeedPlugin(
-        hf_ds_config=deepspeed_config(stage, offload, micro_batch=micro_batch,
-                                      grad_accum=grad_accum, world=world, clip=clip,
-                                      precision=precision, user=user),
-        zero3_init_flag=False)
-    return {"deepspeed_plugin": plugin, "kwargs_handlers": []}
-
-
-def stage(accelerator) -> int:
-    """The ZeRO stage ``accelerator`` runs (0: no DeepSpeed)."""
-    plugin = accelerator.state.deepspeed_plugin
-    return int(plugin.zero_stage) if plugin is not None else 0
 
 
 def gathered(model, params: Iterable[torch.Tensor]):
@@ -321,11 +281,114 @@ def _recut_zero3(opt, shards: list[dict]) -> dict:
     return state
 
 
-def backward_and_step(engine, loss, last: bool) -> None:
-    """One micro-batch's backward through a DeepSpeed engine, and its step on the ``last``
-    micro-batch of an optimizer step: the engine divides by its gradient_accumulation_steps
-    (= grad_accum), reduces at the boundary, clips (its gradient_clipping) and steps there."""
-    engine.set_gradient_accumulation_boundary(last)
-    engine.backward(loss)
-    if last:
-        engine.step()
+# ---- the strategy ------------------------------------------------------------------------
+class ZeRO(Strategy):
+    """DeepSpeed ZeRO stage 1, 2 or 3 (``zero1``, ``zero2``, ``zero3``), with the optimizer
+    states (and at stage 3 the parameters) offloaded to CPU RAM (``zero2-offload``,
+    ``zero3-offload``). bf16/fp16 keep 16-bit weights and step an fp32 master copy."""
+
+    def __init__(self, name: str, user_config: dict | None = None):
+        super().__init__(name, user_config)
+        self.stage, self.offload = int(name[4]), name.endswith("-offload")
+        self.layout = f"zero{self.stage}"
+
+    def prepare_env(self, world: int) -> None:
+        if "WORLD_SIZE" not in os.environ:
+            # A plain `python recipe.py --strategy zero2`: without a launcher's variables
+            # DeepSpeed goes looking for MPI. One process is a world of one on this host.
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                               ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+                os.environ.setdefault(key, value)
+        # DeepSpeed 0.19.8 calls torch's deprecated all_gather_into_tensor at every step; torch
+        # 2.14 warns each time, burying the progress bar.
+        warnings.filterwarnings("ignore", r"`torch\.distributed\.all_gather_into_tensor` is "
+                                "deprecated", FutureWarning)
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's ops and comm on CPU
+
+    def accelerator_kwargs(self, *, micro_batch, grad_accum, world, clip, precision, freezes):
+        config = deepspeed_config(self.stage, self.offload, micro_batch=micro_batch,
+                                  grad_accum=grad_accum, world=world, clip=clip,
+                                  precision=precision, user=self.user_config)
+        return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False),
+                "kwargs_handlers": []}
+
+    def check(self, *, precision, clip, freezes, device) -> None:
+        if clip is not None and freezes:
+            raise UserError("--clip with a stage that freezes layer groups under DeepSpeed: its "
+                            "frozen groups keep their gradients (stepped at lr 0), which the "
+                            "clipping norm would count; use --strategy ddp or no --clip")
+
+    def prepare(self, accelerator, model, build_optimizer) -> None:
+        self.accelerator = accelerator
+        self.model, self.optimizer = accelerator.prepare(model, build_optimizer(model))
+        any_world(self.model)
+
+    def forward_backward(self, loss_of, last):
+        # The engine divides by its gradient_accumulation_steps (= grad_accum), reduces at
+        # the boundary, clips (its gradient_clipping) and steps there.
+        loss = loss_of()
+        self.model.set_gradient_accumulation_boundary(last)
+        self.model.backward(loss)
+        if last:
+            self.model.step()
+        return loss
+
+    def step(self, clip) -> None:
+        """Done by the engine in :meth:`forward_backward`'s last micro-batch."""
+
+    def freeze(self, grouped, trains) -> list[float]:
+        return [1.0 if t else 0.0 for t in trains]
+
+    def scoring_model(self):
+        return self.model  # a ZeRO-3 engine's own forward gathers its partitioned parameters
+
+    def full_state_dict(self):
+        unwrapped = self.unwrapped()
+        with gathered(self.model, unwrapped.parameters()):
+            return {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
+
+    def hard_exit(self) -> bool:
+        return True  # DeepSpeed's CPU comm op aborts the teardown now and then
+
+    @staticmethod
+    def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor] | None:
+        states = folder / "pytorch_model" / "mp_rank_00_model_states.pt"
+        if not states.is_file():
+            return None
+        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        if module and all(v.numel() > 0 for v in module.values()):
+            return module  # ZeRO-1/2 keep the whole weights there
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="pytorch_model")
+
+    @classmethod
+    def memory(cls, name, n_params, world, precision, states) -> Estimate:
+        """DeepSpeed 0.19.8's choices (``runtime/zero/stage_1_and_2.py``, ``stage3.py``): the
+        model in 16 bits under bf16/fp16 and an fp32 master partition (cloned even in fp32 at
+        stages 1-2 and under offload); stage 1 shards the states and master, 2 the gradients
+        too, 3 the parameters too; offload moves master, states and an fp32 gradient
+        partition to CPU RAM, zero3-offload the parameter partitions too."""
+        out = empty_estimate()
+        stage, offload = int(name[4]), name.endswith("-offload")
+        part = -(-n_params // world)  # ceil: the last rank's partition is padded
+        model_bytes = 4 if precision == "fp32" else 2
+        optim_place = "cpu" if offload else "device"
+        if stage < 3:
+            out["device.params"] = model_bytes * n_params
+        else:
+            out[f"{optim_place}.params"] = model_bytes * part
+        if offload:
+            # The reduced partition goes straight into the CPU optimizer's fp32 buffer.
+            out["cpu.grads"] = 4 * part
+        else:
+            out["device.grads"] = model_bytes * (n_params if stage == 1 else part)
+        if stage < 3 or offload or precision != "fp32":
+            out[f"{optim_place}.master_params"] = 4 * part
+        for s in states:
+            out[f"{optim_place}.{s}"] = 4 * part
+        return out
