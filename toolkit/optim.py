@@ -83,14 +83,21 @@ def param_groups(
     return groups
 
 
-def default_impl(params: Iterable[torch.Tensor]) -> str:
+def default_impl(params: Iterable[torch.Tensor], name: str = "adamw") -> str:
     """The fastest correct torch kernel for where the parameters live.
 
     ``fused`` runs on CPU and CUDA for Adam/AdamW, AMSGrad included, and for SGD: measured
     at 88-100% of the memory-bandwidth bound on a 2-core CPU and ~80% on an H200
-    (``docs/benchmarks.md``), 2-5x ahead of foreach and for-loop. Other devices: foreach.
+    (``docs/benchmarks.md``), 2-5x ahead of foreach and for-loop. Other devices: foreach;
+    so is SGD on sharded parameters (FSDP2's DTensors: torch 2.14 has no sharding rule for
+    its fused kernel).
     """
+    from torch.distributed.tensor import DTensor
+
+    params = list(params)
     devices = {p.device.type for p in params}
+    if name == "sgd" and any(isinstance(p, DTensor) for p in params):
+        return "foreach"
     return "fused" if devices <= {"cpu", "cuda"} else "foreach"
 
 
@@ -123,7 +130,7 @@ def build_optimizer(
     for g in groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
     if impl == "auto":
-        impl = default_impl(p for g in groups for p in g["params"])
+        impl = default_impl((p for g in groups for p in g["params"]), name)
     kernel = {"fused": {"fused": True}, "foreach": {"foreach": True},
               "forloop": {"foreach": False}, "compiled": {"foreach": False}}[impl]
     if name == "sgd":

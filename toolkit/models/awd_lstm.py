@@ -131,7 +131,9 @@ class WeightDropLSTM(nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     def init_state(self, batch_size: int) -> LayerState:
-        h = self.weight_ih.new_zeros(1, batch_size, self.hidden_size)
+        # A plain tensor even when the weight is a shard (an FSDP2 DTensor) between forwards.
+        w = self.weight_ih
+        h = torch.zeros(1, batch_size, self.hidden_size, dtype=w.dtype, device=w.device)
         return h, h.clone()
 
     def forward(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:

@@ -223,9 +223,11 @@ class QRNNLayer(nn.Module):
             nn.init.uniform_(p, -bound, bound)
 
     def init_state(self, batch_size: int) -> LayerState:
+        # Plain tensors even when the weight is a shard (an FSDP2 DTensor) between forwards.
         w = self.weight_raw
-        return (w.new_zeros(1, batch_size, self.hidden_size),
-                w.new_zeros(self.window - 1, batch_size, self.input_size))
+        like = {"dtype": w.dtype, "device": w.device}
+        return (torch.zeros(1, batch_size, self.hidden_size, **like),
+                torch.zeros(self.window - 1, batch_size, self.input_size, **like))
 
     def forward(self, x: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """``x [seq, batch, input_size]``, ``state (c [1, batch, hidden], x_prev)``."""

@@ -133,8 +133,9 @@ class Strategy:
 
     def hard_exit(self) -> bool:
         """Whether to leave the process without the interpreter's teardown
-        (:func:`toolkit.lifecycle.exit_process`): once a process group ran."""
-        return torch.distributed.is_available() and torch.distributed.is_initialized()
+        (:func:`toolkit.lifecycle.exit_process`): once a process group ran (gloo's threads
+        abort it now and then)."""
+        return self.accelerator is not None and self.accelerator.num_processes > 1
 
     # ---- toolkit memory -------------------------------------------------------------------
     @classmethod

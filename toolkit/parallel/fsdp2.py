@@ -21,6 +21,7 @@ lives in CPU RAM, and torch's policy pins memory through CUDA).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,6 +47,19 @@ def blocks(model: nn.Module) -> list[nn.Module]:
             owners[id(p)] = owners.get(id(p), 0) + 1
     return [c for c in children
             if any(True for _ in c.parameters()) and all(owners[id(p)] == 1 for p in c.parameters())]
+
+
+def read_whole(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's DCP shards whose flat key starts with ``prefix``
+    (``model.``: the weights; ``optim.state.``: every optimizer state), whole, read in one
+    process."""
+    meta = dcp.FileSystemReader(str(folder / SHARDS)).read_metadata().state_dict_metadata
+    state = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in meta.items()
+             if key.startswith(prefix) and hasattr(m, "chunks")}  # tensors, not bytes
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(folder / SHARDS), no_dist=True)
+    return {key.removeprefix(prefix): value for key, value in state.items()}
 
 
 class FSDP2(Strategy):
@@ -77,6 +91,9 @@ class FSDP2(Strategy):
 
         self.accelerator = accelerator
         device = accelerator.device
+        # torch 2.14 warns at every forward whose output is a view (the language model's
+        # log-probabilities): a hazard only for in-place ops on it, which the loop never does.
+        warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view tensor")
         if not dist.is_initialized():  # one process without a launcher: a world of one
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     store=dist.HashStore(), rank=0, world_size=1)
@@ -110,6 +127,9 @@ class FSDP2(Strategy):
     def unwrapped(self) -> nn.Module:
         return self.model
 
+    def hard_exit(self) -> bool:
+        return True  # a process group runs even in one process
+
     def scoring_model(self) -> nn.Module:
         return self.model  # its forward all-gathers the sharded parameters
 
@@ -132,14 +152,7 @@ class FSDP2(Strategy):
 
     @staticmethod
     def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor] | None:
-        if not (folder / SHARDS).is_dir():
-            return None
-        meta = dcp.FileSystemReader(str(folder / SHARDS)).read_metadata().state_dict_metadata
-        model = {key.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
-                 for key, m in meta.items() if key.startswith("model.")}
-        state = {"model": model}
-        dcp.load(state, checkpoint_id=str(folder / SHARDS), no_dist=True)
-        return state["model"]
+        return read_whole(folder, "model.") if (folder / SHARDS).is_dir() else None
 
     @classmethod
     def memory(cls, name, n_params, world, precision, states) -> Estimate:

@@ -352,7 +352,7 @@ class ZeRO(Strategy):
             return {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
 
     def hard_exit(self) -> bool:
-        return True  # DeepSpeed's CPU comm op aborts the teardown now and then
+        return True  # a process group runs even in one process; its CPU comm op aborts too
 
     @staticmethod
     def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor] | None:
