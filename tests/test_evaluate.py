@@ -57,6 +57,19 @@ def test_a_zero2_checkpoint_gives_its_logged_eval_on_one_process(digits, tmp_pat
     assert got["valid_loss"] == pytest.approx(logged["valid_loss"], rel=1e-6)
 
 
+def test_an_fsdp2_checkpoint_gives_its_logged_eval_on_one_process(tmp_path):
+    run = tmp_path / "fsdp2"
+    launch(DIGITS, ["--output-dir", str(run), "--max-steps", "20", "--eval-every", "10",
+                    "--checkpoint-every", "10", "--strategy", "fsdp2", "--no-progress"],
+           launcher="torchrun")
+    evaluate(str(run), "--checkpoint", "step_10", "--out", str(tmp_path / "e.json"))
+    got = json.loads((tmp_path / "e.json").read_text())
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = next(r for r in rows if r["step"] == 10 and "valid_accuracy" in r)
+    assert got["valid_accuracy"] == logged["valid_accuracy"]
+    assert got["valid_loss"] == pytest.approx(logged["valid_loss"], rel=1e-6)
+
+
 def test_bad_input_is_one_line(digits, tmp_path):
     cases = [([str(tmp_path)], "not a finished run folder"),
              ([str(digits), "--checkpoint", "step_7"], "the run has step_10, step_20"),

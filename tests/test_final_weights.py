@@ -1,6 +1,6 @@
 """A finished run leaves its trained model as one fp32 ``model.safetensors`` and the
-``model.json`` that rebuilds it (``toolkit.recipe.load_model``): under DDP, ZeRO-2, ZeRO-3
-and ZeRO-3 with offload, the reloaded model scores the run's own final test accuracy."""
+``model.json`` that rebuilds it (``toolkit.recipe.load_model``): under DDP, ZeRO-2, ZeRO-3,
+ZeRO-3 with offload and FSDP2, the reloaded model scores the run's own final test accuracy."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from toolkit.errors import UserError
 from toolkit.recipe import load_model
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "zero3-offload"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "zero3-offload", "fsdp2"])
 def test_the_weights_file_reloads_to_the_runs_accuracy(strategy, tmp_path):
     out = tmp_path / strategy
     launch(DIGITS, ["--output-dir", str(out), "--max-steps", "30", "--strategy", strategy,

@@ -105,6 +105,17 @@ def test_two_processes_each_train_their_columns(one_process, tmp_path):
         results(one_process)["test_cache_ppl"], rel=1e-4)
 
 
+def test_fsdp2_two_processes_equal_one(one_process, tmp_path):
+    """The language model sharded with FSDP2 (the tied embedding stays with the root): its
+    perplexities are one process's."""
+    run = tmp_path / "fsdp2"
+    proc = launch(WT2, [*TINY, *NO_DROPOUT, "--max-steps", "4", "--output-dir", str(run),
+                        "--strategy", "fsdp2", "--checkpoint-every", "4"], launcher="torchrun")
+    assert "(fsdp2)" in proc.stdout
+    for key in ("valid_ppl", "test_ppl", "test_cache_ppl"):
+        assert results(run)[key] == pytest.approx(results(one_process)[key], rel=1e-4), key
+
+
 def test_accumulation_splits_the_columns_like_processes(one_process, tmp_path):
     """--grad-accum 2 in one process: two hidden states of 4 columns, which make up the
     one-step run's 8 columns, and the same training."""

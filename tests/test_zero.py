@@ -140,7 +140,9 @@ def test_every_launch_yaml_loads_and_names_what_exists():
     assert len(yamls) >= 10
     for path in yamls:
         cfg = yaml.safe_load(path.read_text())
-        assert cfg["distributed_type"] in ("NO", "MULTI_GPU", "DEEPSPEED"), path
+        assert cfg["distributed_type"] in ("NO", "MULTI_GPU", "DEEPSPEED", "FSDP"), path
+        if cfg["distributed_type"] == "FSDP":
+            assert cfg["fsdp_config"]["fsdp_version"] == 2, path
         assert cfg["num_processes"] >= 1 and cfg["num_machines"] >= 1
         ds = cfg.get("deepspeed_config", {})
         if "deepspeed_config_file" in ds:

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from toolkit import checkpoint, lifecycle
+from toolkit import lifecycle
+from toolkit.checkpoint import weights as checkpoint_weights
 from toolkit.config import from_dict, parse, write_json
 from toolkit.errors import UserError
 from toolkit.recipe import MODEL_JSON, WEIGHTS
@@ -69,7 +70,7 @@ def evaluate(run_dir: Path, checkpoint: str | None, overrides: list[str],
             have = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
             raise UserError(f"--checkpoint {checkpoint}: no {folder}; the run has "
                             f"{', '.join(have) or 'no checkpoints'}")
-        weights = checkpoint.weights(folder)
+        weights = checkpoint_weights(folder)
     else:
         if not (run_dir / WEIGHTS).is_file():
             raise UserError(f"{run_dir} has no {WEIGHTS} (an unfinished run? pass "

@@ -133,18 +133,28 @@ class FSDP2(Strategy):
     def scoring_model(self) -> nn.Module:
         return self.model  # its forward all-gathers the sharded parameters
 
+    # torch's get_state_dict/set_state_dict fill an optimizer without state by stepping it
+    # once at lr 0 on zero gradients: a fresh Adam (a new stage's) would then take its first
+    # real step as its second, 0.72 of its size. ``fresh`` records that there was no state,
+    # and the state made for the save is dropped again.
     def save(self, folder: Path) -> None:
         self.accelerator.save_state(str(folder))  # the schedule's state and the RNG
+        fresh = not self.optimizer.state
         model, optim = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model, "optim": optim}, checkpoint_id=str(folder / SHARDS))
+        dcp.save({"model": model, "optim": optim, "fresh": torch.tensor(fresh)},
+                 checkpoint_id=str(folder / SHARDS))
+        if fresh:
+            self.optimizer.state.clear()
 
     def load(self, folder: Path) -> None:
         self.accelerator.load_state(str(folder))
         model, optim = get_state_dict(self.model, self.optimizer)
-        state = {"model": model, "optim": optim}
+        state = {"model": model, "optim": optim, "fresh": torch.tensor(False)}
         dcp.load(state, checkpoint_id=str(folder / SHARDS))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
+        if state["fresh"]:
+            self.optimizer.state.clear()
 
     def full_state_dict(self):
         return get_model_state_dict(self.model, options=StateDictOptions(
