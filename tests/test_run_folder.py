@@ -108,3 +108,36 @@ def test_status_of_each_kind(folder, tmp_path):
     assert folder.status() == INTERRUPTED and folder.checkpoint_steps() == [4]
     folder.write_results({"step": 4})
     assert folder.status() == FINISHED and folder.holds_run()
+
+
+def test_status_of_runs_the_report_reads(tmp_path):
+    from report_runs import write_run
+
+    from toolkit import report
+
+    write_run(tmp_path / "runs" / "done")
+    write_run(tmp_path / "runs" / "half", finished=False)
+    runs = {r.name: r for r in report.load_runs([tmp_path / "runs"])}
+    assert {k: r.status for k, r in runs.items()} == {"done": FINISHED, "half": INTERRUPTED}
+
+
+# The same word for another thing: torch.hub's folder of downloaded weights.
+NOT_A_RUN_FOLDER = {("toolkit/models/resnet.py", "checkpoints")}
+
+
+def test_no_module_names_a_run_folder_file_but_run_folder():
+    # One place per name: a literal elsewhere is a second spelling that can drift.
+    names = {v for k, v in vars(RunFolder).items() if k.isupper() and isinstance(v, str)}
+    assert {"config.json", "metrics.jsonl", "results.json", "checkpoints", "model.safetensors",
+            "lr_find.json", ".lock", "provenance.json", "eval.json"} <= names
+    root = Path(__file__).resolve().parents[1]
+    found = set()
+    for path in sorted([*root.glob("toolkit/**/*.py"), *root.glob("recipes/*.py")]):
+        name = path.relative_to(root).as_posix()
+        if name == "toolkit/run_folder.py":
+            continue
+        # Every string literal, f-strings' pieces included (f"code-{start}.diff").
+        literals = {node.value for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+        found |= {(name, s) for s in literals if s in names or s.startswith("code-")}
+    assert found == NOT_A_RUN_FOLDER
