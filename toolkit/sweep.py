@@ -10,9 +10,9 @@ The cells are the product of the post's grid (``--grid post``: Adam with L2 / Ad
 AMSGrad off / on), every ``--vary FIELD=V1,V2,...`` and the seeds; a cell's folder is named
 after its values (``adamw-amsgrad-wd0.001-seed1``). Arguments after ``--`` go to every cell.
 
-Cells run one after another here (``--launcher python``, ``torchrun`` or ``accelerate``
-with ``--nproc`` processes) or as a Slurm job array (``--slurm``: ``slurm/grid.sbatch`` with
-the cells written to ``OUT/cells.tsv``). A finished cell (its
+Cells run one after another here (``--launcher python``, ``torchrun``, ``accelerate`` or
+``deepspeed`` with ``--nproc`` processes) or as a Slurm job array (``--slurm``:
+``slurm/grid.sbatch`` with the cells written to ``OUT/cells.tsv``). A finished cell (its
 ``results.json`` written: :meth:`toolkit.run_folder.RunFolder.status`) is skipped; any other
 starts with ``--resume auto``, so an interrupted cell goes on from its newest checkpoint.
 A failed cell is reported and the others still run; the sweep exits 1 if
@@ -92,24 +92,30 @@ def cells(grid: str | None, seeds: list[int], vary: list[str], adam_l2_args: str
             for combo in itertools.product(*axes)]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def launch_prefix(launcher: str, nproc: int, config: str | None) -> list[str]:
+    """The command line before the recipe: this interpreter, under ``launcher`` with ``nproc``
+    processes on a free port (``config``: accelerate launch's --config_file)."""
     py = sys.executable
     if launcher == "python":
         return [py]
     if launcher == "torchrun":
         return [py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     if launcher == "accelerate":
         return [py, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
                 *(["--config_file", config] if config else []),
-                "--main_process_port", str(_free_port())]
-    raise UserError(f"--launcher {launcher!r} is unknown; choose python, torchrun or accelerate")
+                "--main_process_port", str(free_port())]
+    if launcher == "deepspeed":  # passes --local_rank=N to each worker
+        return [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+                "--master_port", str(free_port())]
+    raise UserError(f"--launcher {launcher!r} is unknown; choose python, torchrun, accelerate "
+                    "or deepspeed")
 
 
 def run_local(recipe: Path, out: Path, grid: list[SweepCell], common: list[str], *,
@@ -176,8 +182,9 @@ def parser() -> argparse.ArgumentParser:
                    "(default --optim.name adam; digits: --preset adam-l2)")
     p.add_argument("--adamw-args", default="", help="flags of the AdamW cells "
                    "(default --optim.name adamw)")
-    p.add_argument("--launcher", default="python", help="python, torchrun or accelerate")
-    p.add_argument("--nproc", type=int, default=2, help="processes per cell (torchrun, accelerate)")
+    p.add_argument("--launcher", default="python",
+                   help="python, torchrun, accelerate or deepspeed")
+    p.add_argument("--nproc", type=int, default=2, help="processes per cell (all but python)")
     p.add_argument("--config-file", help="accelerate launch's --config_file")
     p.add_argument("--slurm", action="store_true", help="submit a Slurm job array instead")
     p.add_argument("--sbatch-args", default="", help="extra sbatch flags with --slurm")
