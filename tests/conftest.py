@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from slurm_cluster import slurm  # noqa: F401  (the session's Slurm cluster, a fixture)
+from toolkit.sweep import free_port, launch_prefix  # noqa: F401  (free_port: for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "tiny.py"
@@ -20,27 +19,11 @@ DIGITS = ROOT / "recipes" / "digits.py"
 CPU_2PROC = ROOT / "launch" / "cpu-2proc.yaml"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(script: Path, args: list[str], launcher: str = "python", nproc: int = 2,
             config: Path = CPU_2PROC) -> list[str]:
-    """The command line a user would type, with this interpreter and a free port."""
-    if launcher == "python":
-        return [sys.executable, str(script), *args]
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
-    if launcher == "deepspeed":  # passes --local_rank=N to each worker
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-                "--master_port", str(free_port()), str(script), *args]
-    if launcher == "accelerate":
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                "--main_process_port", str(free_port()), str(script), *args]
-    raise ValueError(launcher)
+    """The command line a user would type, with this interpreter and a free port (the one
+    ``toolkit sweep`` runs its cells with)."""
+    return [*launch_prefix(launcher, nproc, str(config)), str(script), *args]
 
 
 def env(**extra: str) -> dict:

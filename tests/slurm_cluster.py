@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from toolkit.sweep import free_port
+
 DAEMONS = ("sbatch", "slurmctld", "slurmd", "munged")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 # Terminal states of a job: `wait` returns on these. REQUEUED/PENDING/COMPLETING are not.
@@ -77,12 +79,6 @@ def ensure_installed() -> None:
         raise SlurmUnavailable(f"apt-get install {' '.join(PACKAGES)} failed: {lines[-1]}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _die_with_parent() -> None:
     # If the test session is killed outright, the daemons go with it instead of lingering.
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -115,13 +111,13 @@ class SlurmCluster:
     def config(self) -> str:
         r = self.root
         nodes = "\n".join(
-            f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname=localhost Port={_free_port()} "
+            f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname=localhost Port={free_port()} "
             f"CPUs={self.cpus} State=UNKNOWN" for n in self.nodes)
         return f"""\
 ClusterName=test
 # "localhost" is accepted as this controller whatever the machine's hostname is.
 SlurmctldHost=localhost(127.0.0.1)
-SlurmctldPort={_free_port()}
+SlurmctldPort={free_port()}
 # Bind to 127.0.0.1 (the nodes' and controller's address), not to every interface.
 CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 SlurmUser=root

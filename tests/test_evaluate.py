@@ -8,21 +8,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import DIGITS, ROOT, env, free_port, launch
+from conftest import DIGITS, ROOT, env, launch
+from toolkit.sweep import launch_prefix
 
 WT2 = ROOT / "recipes" / "wt2.py"
 WT2_DIR = Path(os.environ.get("WIKITEXT2_DIR", ROOT.parent / "shared" / "data" / "wikitext-2"))
 
 
 def evaluate(*args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    launcher = launch_prefix("python" if nproc == 1 else "torchrun", nproc, None)
     proc = subprocess.run([*launcher, "-m", "toolkit.cli", "evaluate", *args], cwd=ROOT,
                           env=env(), capture_output=True, text=True, timeout=600)
     if check:

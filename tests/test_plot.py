@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY, env, launch
-from toolkit.plot import plot_run, read_metrics
+from toolkit.plot import plot_run
+from toolkit.run_folder import RunFolder
 
 TRAIN_KEYS = {"step", "stage", "epoch", "lr", "beta1", "train_loss"}
 EVAL_KEYS = {"step", "stage", "epoch", "valid_loss", "valid_accuracy"}
@@ -78,7 +79,7 @@ def test_read_metrics_keeps_last_row_of_a_repeated_step(run, tmp_path):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + again))
-    kept = read_metrics(resumed)
+    kept = RunFolder(resumed).read_metrics()
     train = [r for r in kept if "train_loss" in r]
     evals = [r for r in kept if "valid_loss" in r]
     first_train = [r for r in rows if "train_loss" in r]

@@ -49,10 +49,12 @@ def _plot(args: list[str]) -> None:
     import argparse
 
     from toolkit.plot import plot_run
+    from toolkit.run_folder import RunFolder
 
-    parser = argparse.ArgumentParser(prog="toolkit plot", description="Plot a run's metrics.jsonl")
+    parser = argparse.ArgumentParser(prog="toolkit plot",
+                                     description=f"Plot a run's {RunFolder.METRICS}")
     parser.add_argument("run_dir")
-    parser.add_argument("--out", help="image path (default RUN_DIR/metrics.png)")
+    parser.add_argument("--out", help=f"image path (default RUN_DIR/{RunFolder.METRICS_PLOT})")
     ns = parser.parse_args(args)
     print(plot_run(ns.run_dir, ns.out))
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
 import math
 import os
 import shutil
@@ -27,26 +26,24 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from toolkit import lifecycle
 from toolkit.checkpoint import weights as checkpoint_weights
 from toolkit.config import from_dict, parse, write_json
 from toolkit.errors import UserError
-from toolkit.recipe import MODEL_JSON, WEIGHTS
+from toolkit.run_folder import RunFolder
 
 
-def recipe_of(run_dir: Path):
+def recipe_of(folder: RunFolder):
     """The recipe module that made the run (``model.json``'s builder lives in it)."""
-    spec = run_dir / MODEL_JSON
-    if not (run_dir / "config.json").is_file() or not spec.is_file():
-        raise UserError(f"{run_dir} is not a finished run folder (no config.json and "
-                        f"{MODEL_JSON}: a run writes them)")
-    module = json.loads(spec.read_text())["builder"].partition(":")[0]
+    if not folder.config.is_file() or not folder.model_spec.is_file():
+        raise UserError(f"{folder.path} is not a finished run folder (no {folder.CONFIG} and "
+                        f"{folder.MODEL_SPEC}: a run writes them)")
+    module = folder.read_model_spec()["builder"].partition(":")[0]
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise UserError(f"{spec}: cannot import the recipe {module} ({e})") from None
+        raise UserError(f"{folder.model_spec}: cannot import the recipe {module} ({e})") from None
 
 
 THETAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
@@ -57,31 +54,32 @@ def evaluate(run_dir: Path, checkpoint: str | None, overrides: list[str],
              tune: tuple[list[float], list[float]] | None = None,
              generate: tuple[int, float, int] | None = None) -> dict:
     """Rebuild, load, score; the results (collective: every launched process calls it)."""
-    recipe = recipe_of(run_dir)
-    saved = from_dict(recipe.Config, json.loads((run_dir / "config.json").read_text()))
+    folder = RunFolder(run_dir)
+    recipe = recipe_of(folder)
+    saved = from_dict(recipe.Config, folder.read_config())
     # A scratch output folder: evaluation writes nothing into the run but eval.json.
     scratch = tempfile.mkdtemp(prefix="toolkit-eval-")
     train = dataclasses.replace(saved.train, output_dir=scratch, resume=None, progress=False,
                                 strategy="ddp", deepspeed_config=None)
     cfg = parse({"run": lambda: dataclasses.replace(saved, train=train)}, overrides)
     if checkpoint is not None:
-        folder = run_dir / "checkpoints" / checkpoint
-        if not folder.is_dir():
-            have = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
-            raise UserError(f"--checkpoint {checkpoint}: no {folder}; the run has "
+        step_dir = folder.checkpoints / checkpoint
+        if not step_dir.is_dir():
+            have = sorted(p.name for p in folder.checkpoints.glob("step_*"))
+            raise UserError(f"--checkpoint {checkpoint}: no {step_dir}; the run has "
                             f"{', '.join(have) or 'no checkpoints'}")
-        weights = checkpoint_weights(folder)
+        weights = checkpoint_weights(step_dir)
     else:
-        if not (run_dir / WEIGHTS).is_file():
-            raise UserError(f"{run_dir} has no {WEIGHTS} (an unfinished run? pass "
+        if not folder.weights.is_file():
+            raise UserError(f"{run_dir} has no {folder.WEIGHTS} (an unfinished run? pass "
                             "--checkpoint step_N)")
-        weights = load_file(run_dir / WEIGHTS)
+        weights = folder.read_weights()
     torch.manual_seed(cfg.train.seed)
     run = recipe.build(cfg)
     trainer = run.trainer
     trainer.unwrapped().load_state_dict(weights)
     try:
-        results = {"run": str(run_dir), "checkpoint": checkpoint or WEIGHTS,
+        results = {"run": str(run_dir), "checkpoint": checkpoint or folder.WEIGHTS,
                    **trainer.evaluate()}
         if run.final_evaluation is not None:
             results.update(run.final_evaluation())
@@ -132,7 +130,7 @@ def main(argv: list[str]) -> None:
                        (ns.thetas, ns.lambdas) if ns.tune_cache else None,
                        (ns.generate, ns.temperature, ns.seed) if ns.generate else None)
     if int(os.environ.get("RANK", "0")) == 0:
-        out = Path(ns.out) if ns.out else run_dir / "eval.json"
+        out = Path(ns.out) if ns.out else RunFolder(run_dir).eval
         write_json(out, results)
         print(", ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float)))
         if "sample" in results:

@@ -5,7 +5,8 @@ vanishes under the other's rename), and it happens when a command is started twi
 a launcher dies and its workers train on: ``torchrun`` starts its workers in sessions of
 their own, so killing the launcher's process group leaves them running.
 
-- :func:`claim` takes an exclusive ``flock`` on ``OUTPUT_DIR/.lock`` for the life of the
+- :func:`claim` takes an exclusive ``flock`` on the run folder's lock file
+  (:attr:`toolkit.run_folder.RunFolder.lock`, ``OUTPUT_DIR/.lock``) for the life of the
   process. The kernel drops it when the process dies, however it dies, so no stale lock is
   ever left; a second run is refused with the holder's host, pid and start time.
 - :func:`exit_with_launcher` makes a launched worker exit within a second once its parent
@@ -26,16 +27,16 @@ from pathlib import Path
 
 from toolkit.errors import UserError
 
-LOCK = ".lock"
 
-
-def claim(out: Path):
-    """Hold ``out/.lock`` exclusively until the process ends; return the open file (keep it).
+def claim(lock: Path):
+    """Hold the file ``lock`` (in the output folder it guards) exclusively until the process
+    ends; return the open file (keep it).
 
     Raises :class:`UserError` naming the holder if another live process has it.
     """
+    out = lock.parent
     out.mkdir(parents=True, exist_ok=True)
-    f = open(out / LOCK, "a+")
+    f = open(lock, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.config import write_json
+from toolkit.run_folder import RunFolder
 
 
 def _valley_index(loss: np.ndarray) -> int:
@@ -121,9 +121,10 @@ def sweep(step: Callable[[float], float], start_lr: float = 1e-7, end_lr: float 
 
 def write(result: dict, out: Path) -> None:
     """``out/lr_find.json`` and ``out/lr_find.png``."""
+    folder = RunFolder(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "lr_find.json", result)
-    plot(result, out / "lr_find.png")
+    folder.write_lr_find(result)
+    plot(result, folder.lr_find_plot)
 
 
 def plot(result: dict, path: Path) -> None:

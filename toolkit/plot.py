@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from toolkit.errors import UserError
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """Rows of ``metrics.jsonl``; a step logged twice (a resumed run) keeps its last row."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: RUN_DIR must be a run's --output-dir")
-    rows = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[(row["step"], tuple(sorted(row)))] = row
-    return sorted(rows.values(), key=lambda r: r["step"])
+from toolkit.run_folder import RunFolder
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -28,7 +15,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(run_dir)
+    folder = RunFolder(run_dir)
+    if not folder.metrics.is_file():
+        raise UserError(f"{folder.metrics} does not exist: RUN_DIR must be a run's --output-dir")
+    rows = folder.read_metrics()
     series = lambda key: ([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
     mom = "beta1" if any("beta1" in r for r in rows) else "momentum"
     valid = sorted({k for r in rows for k in r if k.startswith("valid_")})
@@ -49,7 +39,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         axes[3].set(title="eval metrics", xlabel="step")
         axes[3].legend()
     fig.tight_layout()
-    out = Path(out) if out else Path(run_dir) / "metrics.png"
+    out = Path(out) if out else folder.metrics_plot
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

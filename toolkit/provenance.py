@@ -9,7 +9,6 @@ deepspeed. The resolved config is ``config.json``.
 
 from __future__ import annotations
 
-import json
 import platform
 import socket
 import subprocess
@@ -21,8 +20,8 @@ from pathlib import Path
 import torch
 
 from toolkit.atomic import write_atomic
+from toolkit.run_folder import RunFolder
 
-FILE = "provenance.json"
 CODE = Path(__file__).resolve().parents[1]
 """The folder holding the toolkit package: a git work tree when run from a clone."""
 
@@ -73,8 +72,10 @@ def device_name(device: torch.device) -> str:
 
 def record(out: Path, device: torch.device, world_size: int, strategy: str) -> dict:
     """Append this start's record to ``out/provenance.json`` (main process only); return it."""
+    folder = RunFolder(out)
     commit, diff, untracked = git_state()
-    start = len(read(out))
+    before = folder.read_provenance()
+    start = len(before)
     entry = {
         "start": start, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": [sys.executable, *sys.argv], "host": socket.gethostname(),
@@ -86,12 +87,8 @@ def record(out: Path, device: torch.device, world_size: int, strategy: str) -> d
                      "cuda": torch.version.cuda},
     }
     if diff is not None:
-        entry["diff"] = f"code-{start}.diff"
-        write_atomic(out / entry["diff"], diff)
-    write_atomic(out / FILE, json.dumps([*read(out), entry], indent=2) + "\n")
+        path = folder.code_diff(start)
+        entry["diff"] = path.name  # beside provenance.json, wherever the folder moves
+        write_atomic(path, diff)
+    folder.write_provenance([*before, entry])
     return entry
-
-
-def read(out: Path) -> list[dict]:
-    path = out / FILE
-    return json.loads(path.read_text()) if path.is_file() else []

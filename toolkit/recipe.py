@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from toolkit import lifecycle
-from toolkit.atomic import write_atomic
-from toolkit.config import parse, write_json
+from toolkit.config import parse
 from toolkit.errors import UserError, error_line
+from toolkit.run_folder import RunFolder
 from toolkit.trainer import Trainer
 
 FINISHED, CRASHED, BAD_INPUT, STOPPED = 0, 1, 2, 75
@@ -73,9 +73,6 @@ class Run:
     :func:`load_model` rebuilds the trained model from the run folder in one call."""
 
 
-WEIGHTS, MODEL_JSON = "model.safetensors", "model.json"
-
-
 def _function_name(fn: Callable) -> str:
     """``module:qualname``; a recipe run as a script is ``__main__``: name its module."""
     module = fn.__module__
@@ -92,37 +89,31 @@ def export_model(run: Run) -> None:
     trainer = run.trainer
     state = trainer.parallel.full_state_dict()
     if trainer.is_main:
-        from safetensors.torch import save
-
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        write_atomic(trainer.out / WEIGHTS, save({k: v.contiguous() for k, v in state.items()}))
+        trainer.folder.write_weights({k: v.float() if v.is_floating_point() else v
+                                      for k, v in state.items()})
         if run.model is not None:
             fn, args = run.model
-            write_json(trainer.out / MODEL_JSON, {"builder": _function_name(fn), "args": args})
+            trainer.folder.write_model_spec({"builder": _function_name(fn), "args": args})
     trainer.accelerator.wait_for_everyone()
 
 
 def load_model(run_dir: str | Path) -> nn.Module:
     """The trained model of a finished run folder, in eval mode, on the CPU."""
     import importlib
-    import json
 
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    spec_path, weights = run_dir / MODEL_JSON, run_dir / WEIGHTS
-    for path in (spec_path, weights):
+    folder = RunFolder(run_dir)
+    for path in (folder.model_spec, folder.weights):
         if not path.is_file():
-            raise UserError(f"{run_dir} has no {path.name}: not a finished run folder (a run "
-                            "writes it when it finishes)")
-    spec = json.loads(spec_path.read_text())
+            raise UserError(f"{folder.path} has no {path.name}: not a finished run folder (a "
+                            "run writes it when it finishes)")
+    spec = folder.read_model_spec()
     module, _, name = spec["builder"].partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise UserError(f"{spec_path}: cannot import {spec['builder']} ({e})") from None
+        raise UserError(f"{folder.model_spec}: cannot import {spec['builder']} ({e})") from None
     model = fn(**spec["args"])
-    model.load_state_dict(load_file(weights))
+    model.load_state_dict(folder.read_weights())
     return model.eval()
 
 
@@ -133,7 +124,7 @@ def execute(run: Run, lr_find: bool) -> int:
         if lr_find:
             result = trainer.lr_find()
             trainer.print(f"lr_find suggestions: {result['suggestions']} "
-                          f"(plot: {trainer.out / 'lr_find.png'})")
+                          f"(plot: {trainer.folder.lr_find_plot})")
             return FINISHED
         results = trainer.fit()
         if results.pop("stopped"):
@@ -151,7 +142,7 @@ def execute(run: Run, lr_find: bool) -> int:
 
 def write_results(trainer: Trainer, results: dict) -> None:
     if trainer.is_main:
-        write_json(trainer.out / "results.json", results)
+        trainer.folder.write_results(results)
 
 
 def main(presets: Mapping[str, Callable], build: Callable[..., Run],
@@ -173,7 +164,7 @@ def main(presets: Mapping[str, Callable], build: Callable[..., Run],
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         error_line(UserError(
             f"lost contact with another process of this run ({first[:200]}): a process or "
-            f"node died; the newest complete checkpoint in {run.trainer.out / 'checkpoints'} "
+            f"node died; the newest complete checkpoint in {run.trainer.folder.checkpoints} "
             "is where --resume auto goes on"))
         code = CRASHED
     if run is not None and run.trainer.parallel.hard_exit():

@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from toolkit.errors import UserError
-from toolkit.plot import read_metrics
+from toolkit.post import (MAIN_METRICS, OPTIMIZERS, default_metric, higher_is_better,
+                          optimizer_name)
+from toolkit.run_folder import FINISHED, RunFolder
 
 # Where and how a run ran, not what it trained: never a reason to tell runs apart.
 RUN_LOCAL = {"train.output_dir", "train.seed", "train.resume", "train.progress",
              "train.lr_find", "train.checkpoint_every", "train.keep_checkpoints",
              "train.dist_timeout", "data_dir"}
-ROWS = {"adam": "Adam-L2", "adamw": "AdamW"}  # the post's names; other optimizers: upper case
-DEFAULT_METRICS = ("valid_accuracy", "valid_ppl", "valid_loss")  # the first present is the main
 EXTRA_METRICS = ("tta_accuracy", "tta_fixed_accuracy", "valid_cache_ppl", "test_ppl",
                  "test_cache_ppl")  # a post table each, where the runs' results have them
 Series = dict[str, list[tuple[str, list[int], list[float]]]]  # cell -> [(run, steps, values)]
@@ -46,20 +46,24 @@ Blocks = list[tuple[str, object]]
 @dataclass
 class RunDir:
     """What a run folder holds. ``config`` is flattened (``optim.wd``), empty for a folder
-    with only ``lr_find.json``; ``results`` is None while the run is unfinished."""
+    with only ``lr_find.json``; ``results`` is None while the run is unfinished; ``status``
+    is :meth:`toolkit.run_folder.RunFolder.status`."""
 
     name: str
     config: dict
     rows: list[dict]
     results: dict | None
     lr_find: dict | None
+    status: str
 
     @property
     def last_step(self) -> int:
         return max((r["step"] for r in self.rows), default=0)
 
 
-class Cell(NamedTuple):
+class TableCell(NamedTuple):
+    """The runs of one cell of a results table: the same settings, seeds apart."""
+
     table: tuple  # ((field, value), ...): the fields that get a table per value
     optimizer: str  # "Adam-L2", "AdamW", "SGD"
     detail: str  # the row's own fields, "optim.wd=0.0001"
@@ -76,7 +80,8 @@ class Cell(NamedTuple):
 
 
 def _is_run(path: Path) -> bool:
-    return (path / "config.json").is_file() or (path / "lr_find.json").is_file()
+    folder = RunFolder(path)
+    return folder.config.is_file() or folder.lr_find.is_file()
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -88,20 +93,14 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     found = set()
     for path in map(Path, paths):
         if not path.exists():
-            raise UserError(f"{path} does not exist: expected a run folder (config.json in it)")
+            raise UserError(f"{path} does not exist: expected a run folder ({RunFolder.CONFIG} "
+                            "in it)")
         subs = [s for s in path.iterdir() if s.is_dir() and _is_run(s)] if path.is_dir() else []
         if not _is_run(path) and not subs:
-            raise UserError(f"{path} is not a run folder: expected config.json (or lr_find.json)"
-                            " in it or in its subfolders")
+            raise UserError(f"{path} is not a run folder: expected {RunFolder.CONFIG} (or "
+                            f"{RunFolder.LR_FIND}) in it or in its subfolders")
         found.update(s.resolve() for s in ([path] if _is_run(path) else subs))
     return sorted(found)
-
-
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except ValueError as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -117,13 +116,9 @@ def load_runs(paths: list[str | Path]) -> list[RunDir]:
     dirs = find_runs(paths)
     base = Path(os.path.commonpath([d.parent for d in dirs]))
     runs = []
-    for d in dirs:
-        try:
-            rows = read_metrics(d) if (d / "metrics.jsonl").is_file() else []
-        except ValueError as e:
-            raise UserError(f"{d / 'metrics.jsonl'} has a line that is not JSON ({e})") from None
-        runs.append(RunDir(d.relative_to(base).as_posix(), flatten(_json(d / "config.json") or {}),
-                           rows, _json(d / "results.json"), _json(d / "lr_find.json")))
+    for d in map(RunFolder, dirs):
+        runs.append(RunDir(d.path.relative_to(base).as_posix(), flatten(d.read_config() or {}),
+                           d.read_metrics(), d.read_results(), d.read_lr_find(), d.status()))
     return sorted(runs, key=lambda r: r.name)
 
 
@@ -139,8 +134,7 @@ def _order(v) -> tuple:
 
 
 def _optimizer(run: RunDir) -> str:
-    name = run.config.get("optim.name")
-    return ROWS.get(name, str(name).upper())
+    return optimizer_name(run.config.get("optim.name"))
 
 
 def split_fields(runs: list[RunDir]) -> tuple[list[str], list[str]]:
@@ -157,37 +151,36 @@ def split_fields(runs: list[RunDir]) -> tuple[list[str], list[str]]:
     return per_row, [k for k in varying if k not in per_row]
 
 
-def cells(runs: list[RunDir]) -> dict[Cell, list[RunDir]]:
+def cells(runs: list[RunDir]) -> dict[TableCell, list[RunDir]]:
     """The trained runs grouped into cells, sorted: tables by their values, then Adam-L2,
     AdamW, other optimizers by name, without AMSGrad before with."""
     per_row, per_table = split_fields(runs)
-    groups: dict[Cell, list[RunDir]] = {}
+    groups: dict[TableCell, list[RunDir]] = {}
     for r in runs:
         if r.config:
-            cell = Cell(tuple((k, _value(r.config.get(k))) for k in per_table), _optimizer(r),
-                        ", ".join(f"{k}={_value(r.config.get(k))}" for k in per_row),
-                        bool(r.config.get("optim.amsgrad")))
+            cell = TableCell(tuple((k, _value(r.config.get(k))) for k in per_table),
+                             _optimizer(r),
+                             ", ".join(f"{k}={_value(r.config.get(k))}" for k in per_row),
+                             bool(r.config.get("optim.amsgrad")))
             groups.setdefault(cell, []).append(r)
-    rank = {name: i for i, name in enumerate(ROWS.values())}
+    rank = {name: i for i, name in enumerate(OPTIMIZERS.values())}
     key = lambda c: ([_order(v) for _, v in c.table], rank.get(c.optimizer, len(rank)),
                      c.optimizer, c.detail, c.amsgrad)
     return {c: groups[c] for c in sorted(groups, key=key)}
 
 
 def main_metric(runs: list[RunDir], metric: str | None = None) -> str | None:
-    """``metric``, or the first of :data:`DEFAULT_METRICS` the runs have (None: none yet)."""
+    """``metric``, or the first of :data:`toolkit.post.MAIN_METRICS` the runs have (None:
+    none yet)."""
     seen = {k for r in runs for k in [*(r.results or {}), *(k for row in r.rows for k in row)]}
     if metric is None:
-        return next((m for m in DEFAULT_METRICS if m in seen), None)
+        return default_metric(seen)
     if metric not in seen:
         have = sorted(seen - {"step", "stage", "epoch", "lr", "beta1", "momentum", "checkpoint"})
-        raise UserError(f"--metric {metric} is in no run's results.json or metrics.jsonl; "
+        raise UserError(f"--metric {metric} is in no run's {RunFolder.RESULTS} or "
+                        f"{RunFolder.METRICS}; "
                         f"they have: {', '.join(have) or 'nothing yet'}")
     return metric
-
-
-def higher_is_better(metric: str) -> bool:
-    return "accuracy" in metric  # losses and perplexities fall
 
 
 def mean_std(values: list[float]) -> str:
@@ -199,7 +192,8 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g} (n={len(values)})"
 
 
-def post_table(groups: dict[Cell, list[RunDir]], key: str) -> tuple[list[str], list[list[str]]]:
+def post_table(groups: dict[TableCell, list[RunDir]], key: str
+               ) -> tuple[list[str], list[list[str]]]:
     """The post's layout of ``key`` from results.json: a row per optimizer, AMSGrad off/on."""
     by_cell = {(c.row, c.amsgrad): rs for c, rs in groups.items()}
     rows = list(dict.fromkeys(c.row for c in groups))
@@ -209,7 +203,7 @@ def post_table(groups: dict[Cell, list[RunDir]], key: str) -> tuple[list[str], l
         for row in rows]
 
 
-def runs_table(groups: dict[Cell, list[RunDir]], key: str, wall_time: bool = True
+def runs_table(groups: dict[TableCell, list[RunDir]], key: str, wall_time: bool = True
                ) -> tuple[list[str], list[list[str]]]:
     """Per cell, over its finished runs: the final and best ``key`` of metrics.jsonl's eval
     rows, the mean wall time and the steps."""
@@ -218,7 +212,7 @@ def runs_table(groups: dict[Cell, list[RunDir]], key: str, wall_time: bool = Tru
     header += ["wall time (s)"] * wall_time + ["steps"]
     rows = []
     for cell, runs in groups.items():
-        done = [r for r in runs if r.results is not None]
+        done = [r for r in runs if r.status == FINISHED]
         evals = [v for v in ([row[key] for row in r.rows if key in row] for r in done) if v]
         walls = [r.results["wall_time_s"] for r in done if "wall_time_s" in r.results]
         steps = sorted({r.results.get("step", r.last_step) for r in done})
@@ -262,9 +256,9 @@ def _first_runs(data: Series) -> Series:
     return {label: lines[:1] for label, lines in data.items() if lines and lines[0][1]}
 
 
-def _unfinished(groups: dict[Cell, list[RunDir]]) -> list[str]:
+def _unfinished(groups: dict[TableCell, list[RunDir]]) -> list[str]:
     return [f"{r.name} ({c.label}): unfinished (last step {r.last_step})"
-            for c, rs in groups.items() for r in rs if r.results is None]
+            for c, rs in groups.items() for r in rs if r.status != FINISHED]
 
 
 def report(runs: list[RunDir], out: Path, metric: str | None = None,
@@ -388,13 +382,14 @@ def to_html(blocks: Blocks) -> str:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="toolkit report",
-        description="The post's table (Adam-L2 / AdamW x AMSGrad, mean ± std over seeds) and "
+        description=f"The post's table ({' / '.join(OPTIMIZERS.values())} x AMSGrad, mean ± "
+                    "std over seeds) and "
                     "plots of a set of runs, as report.md and report.html.")
     parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
                         help="a run's --output-dir, or a folder of them (a sweep's --out)")
     parser.add_argument("--out", default="report", help="folder to write to (default report/)")
     parser.add_argument("--metric", help="results.json key of the table (default: "
-                        f"the first present of {', '.join(DEFAULT_METRICS)})")
+                        f"the first present of {', '.join(MAIN_METRICS)})")
     parser.add_argument("--no-wall-time", action="store_true",
                         help="leave out the wall time, the one thing two equal runs differ in")
     ns = parser.parse_args(argv)

@@ -10,11 +10,12 @@ The cells are the product of the post's grid (``--grid post``: Adam with L2 / Ad
 AMSGrad off / on), every ``--vary FIELD=V1,V2,...`` and the seeds; a cell's folder is named
 after its values (``adamw-amsgrad-wd0.001-seed1``). Arguments after ``--`` go to every cell.
 
-Cells run one after another here (``--launcher python``, ``torchrun`` or ``accelerate``
-with ``--nproc`` processes) or as a Slurm job array (``--slurm``: ``slurm/grid.sbatch`` with
-the cells written to ``OUT/cells.tsv``). A cell whose ``results.json`` exists is finished
-and skipped; any other starts with ``--resume auto``, so an interrupted cell goes on from its
-newest checkpoint. A failed cell is reported and the others still run; the sweep exits 1 if
+Cells run one after another here (``--launcher python``, ``torchrun``, ``accelerate`` or
+``deepspeed`` with ``--nproc`` processes) or as a Slurm job array (``--slurm``:
+``slurm/grid.sbatch`` with the cells written to ``OUT/cells.tsv``). A finished cell (its
+``results.json`` written: :meth:`toolkit.run_folder.RunFolder.status`) is skipped; any other
+starts with ``--resume auto``, so an interrupted cell goes on from its newest checkpoint.
+A failed cell is reported and the others still run; the sweep exits 1 if
 any failed, and writes its summary to ``OUT/sweep.json``.
 """
 
@@ -33,26 +34,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.errors import UserError
+from toolkit.post import OPTIMIZERS
+from toolkit.run_folder import FINISHED, NEW, RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID_SCRIPT = ROOT / "slurm" / "grid.sbatch"
 
 
 @dataclass(frozen=True)
-class Cell:
+class SweepCell:
+    """One run of the grid: its folder's name and its flags."""
+
     name: str
     args: tuple[str, ...]
     """The recipe flags that make this cell (after the sweep's common ones)."""
 
 
 def post_grid(adam_l2_args: str, adamw_args: str) -> list[tuple[str, list[str]]]:
-    """The post's four optimizers: Adam with L2 / AdamW, without / with AMSGrad."""
+    """The post's four optimizers: Adam with L2 / AdamW, without / with AMSGrad (each with
+    its own flags, by default ``--optim.name`` alone)."""
+    flags = {"adam": adam_l2_args, "adamw": adamw_args}
     out = []
     for amsgrad in (False, True):
-        for name, args in (("adam-l2", adam_l2_args), ("adamw", adamw_args)):
+        for optim, name in OPTIMIZERS.items():
             suffix, flag = ("-amsgrad", "--optim.amsgrad") if amsgrad else ("",
                                                                            "--optim.no-amsgrad")
-            out.append((name + suffix, [*shlex.split(args), flag]))
+            args = shlex.split(flags[optim] or f"--optim.name {optim}")
+            out.append((name.lower() + suffix, [*args, flag]))
     return out
 
 
@@ -66,12 +74,11 @@ def parse_vary(spec: str) -> tuple[str, list[str]]:
 
 
 def cells(grid: str | None, seeds: list[int], vary: list[str], adam_l2_args: str = "",
-          adamw_args: str = "") -> list[Cell]:
+          adamw_args: str = "") -> list[SweepCell]:
     """The grid's cells in a fixed order (optimizers, then each varied field, then seeds)."""
     axes: list[list[tuple[str, list[str]]]] = []
     if grid == "post":
-        axes.append(post_grid(adam_l2_args or "--optim.name adam",
-                              adamw_args or "--optim.name adamw"))
+        axes.append(post_grid(adam_l2_args, adamw_args))
     elif grid is not None:
         raise UserError(f"--grid {grid!r} is unknown; choose post (or omit it)")
     for spec in vary:
@@ -81,51 +88,51 @@ def cells(grid: str | None, seeds: list[int], vary: list[str], adam_l2_args: str
     if len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {seeds} names a seed twice")
     axes.append([(f"seed{s}", ["--seed", str(s)]) for s in seeds])
-    return [Cell("-".join(n for n, _ in combo), tuple(a for _, args in combo for a in args))
+    return [SweepCell("-".join(n for n, _ in combo), tuple(a for _, args in combo for a in args))
             for combo in itertools.product(*axes)]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def launch_prefix(launcher: str, nproc: int, config: str | None) -> list[str]:
+    """The command line before the recipe: this interpreter, under ``launcher`` with ``nproc``
+    processes on a free port (``config``: accelerate launch's --config_file)."""
     py = sys.executable
     if launcher == "python":
         return [py]
     if launcher == "torchrun":
         return [py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     if launcher == "accelerate":
         return [py, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
                 *(["--config_file", config] if config else []),
-                "--main_process_port", str(_free_port())]
-    raise UserError(f"--launcher {launcher!r} is unknown; choose python, torchrun or accelerate")
+                "--main_process_port", str(free_port())]
+    if launcher == "deepspeed":  # passes --local_rank=N to each worker
+        return [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+                "--master_port", str(free_port())]
+    raise UserError(f"--launcher {launcher!r} is unknown; choose python, torchrun, accelerate "
+                    "or deepspeed")
 
 
-def status(folder: Path) -> str:
-    if (folder / "results.json").is_file():
-        return "finished"
-    return "interrupted" if (folder / "metrics.jsonl").is_file() else "new"
-
-
-def run_local(recipe: Path, out: Path, grid: list[Cell], common: list[str], *,
+def run_local(recipe: Path, out: Path, grid: list[SweepCell], common: list[str], *,
               launcher: str = "python", nproc: int = 2, config: str | None = None) -> dict:
     """Run the unfinished cells one after another; the summary (also ``out/sweep.json``)."""
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
     for i, cell in enumerate(grid):
         folder = out / cell.name
-        before = status(folder)
-        if before == "finished":
+        before = RunFolder(folder).status()
+        if before == FINISHED:
             print(f"[{i + 1}/{len(grid)}] {cell.name}: finished, skipped", flush=True)
             summary[cell.name] = {"status": "skipped"}
             continue
         cmd = [*launch_prefix(launcher, nproc, config), str(recipe), *common, *cell.args,
                "--output-dir", str(folder), "--resume", "auto", "--no-progress"]
-        print(f"[{i + 1}/{len(grid)}] {cell.name}: {'resuming' if before != 'new' else 'starting'}"
+        print(f"[{i + 1}/{len(grid)}] {cell.name}: {'resuming' if before != NEW else 'starting'}"
               f" ({out / (cell.name + '.log')})", flush=True)
         started = time.monotonic()
         with open(out / f"{cell.name}.log", "a") as log:
@@ -133,7 +140,7 @@ def run_local(recipe: Path, out: Path, grid: list[Cell], common: list[str], *,
             log.flush()
             code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
         took = round(time.monotonic() - started, 1)
-        ok = code == 0 and status(folder) == "finished"
+        ok = code == 0 and RunFolder(folder).status() == FINISHED
         summary[cell.name] = {"status": "finished" if ok else "failed", "exit_code": code,
                               "seconds": took}
         if not ok:
@@ -143,7 +150,7 @@ def run_local(recipe: Path, out: Path, grid: list[Cell], common: list[str], *,
     return summary
 
 
-def submit_slurm(recipe: Path, out: Path, grid: list[Cell], common: list[str],
+def submit_slurm(recipe: Path, out: Path, grid: list[SweepCell], common: list[str],
                  sbatch_args: str = "") -> str:
     """Submit the cells as a job array of ``slurm/grid.sbatch``; the job id."""
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +173,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="toolkit sweep", description=__doc__.splitlines()[0])
     p.add_argument("recipe", help="the recipe file, e.g. recipes/digits.py")
     p.add_argument("--out", required=True, help="the sweep folder (one run folder per cell)")
-    p.add_argument("--grid", choices=["post"], help="post: Adam-L2 / AdamW x AMSGrad off / on")
+    p.add_argument("--grid", choices=["post"],
+                   help=f"post: {' / '.join(OPTIMIZERS.values())} x AMSGrad off / on")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--vary", action="append", default=[], metavar="FIELD=V1,V2",
                    help="a config field and its values (repeatable), e.g. optim.wd=1e-4,1e-3")
@@ -174,8 +182,9 @@ def parser() -> argparse.ArgumentParser:
                    "(default --optim.name adam; digits: --preset adam-l2)")
     p.add_argument("--adamw-args", default="", help="flags of the AdamW cells "
                    "(default --optim.name adamw)")
-    p.add_argument("--launcher", default="python", help="python, torchrun or accelerate")
-    p.add_argument("--nproc", type=int, default=2, help="processes per cell (torchrun, accelerate)")
+    p.add_argument("--launcher", default="python",
+                   help="python, torchrun, accelerate or deepspeed")
+    p.add_argument("--nproc", type=int, default=2, help="processes per cell (all but python)")
     p.add_argument("--config-file", help="accelerate launch's --config_file")
     p.add_argument("--slurm", action="store_true", help="submit a Slurm job array instead")
     p.add_argument("--sbatch-args", default="", help="extra sbatch flags with --slurm")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import json
 import math
 import shutil
 import signal
@@ -36,10 +35,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
 from toolkit import batchnorm, checkpoint, lifecycle, lr_finder, parallel, provenance
-from toolkit.config import OptimConfig, ScheduleConfig, TrainConfig, write_json
+from toolkit.config import OptimConfig, ScheduleConfig, TrainConfig
 from toolkit.data.source import Data
 from toolkit.distributed import all_reduce_sum, make_accelerator, micro_batch
 from toolkit.errors import UserError
+from toolkit.run_folder import RunFolder
 from toolkit.schedule import beta1_of, set_lr
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -175,6 +175,11 @@ class Trainer:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def folder(self) -> RunFolder:
+        """The output folder's files."""
+        return RunFolder(self.out)
+
     def unwrapped(self) -> nn.Module:
         """The model without its strategy's wrapper."""
         return self.parallel.unwrapped()
@@ -255,8 +260,7 @@ class Trainer:
 
     def log(self, row: dict) -> None:
         if self.is_main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            self.folder.append_metrics(row)
         self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def _on_signal(self, signum, frame) -> None:
@@ -271,7 +275,7 @@ class Trainer:
         error = None
         if self.is_main:
             try:
-                self._lock = lifecycle.claim(self.out)
+                self._lock = lifecycle.claim(self.folder.lock)
             except UserError as e:
                 error = e
         if all_reduce_sum(torch.tensor([float(error is not None)])).item() > 0:
@@ -281,17 +285,16 @@ class Trainer:
     def start(self) -> None:
         """Check and claim the output folder, resume if asked, write config.json, open
         trackers."""
-        ckpt_dir = self.out / "checkpoints"
+        ckpt_dir = self.folder.checkpoints
         # A bad --resume path is refused before anything is written.
         checkpoint.candidates(self.train_cfg.resume, ckpt_dir)
-        if self.train_cfg.resume is None and (checkpoint.list_checkpoints(ckpt_dir)
-                                        or (self.out / "metrics.jsonl").exists()):
+        if self.train_cfg.resume is None and self.folder.holds_run():
             raise UserError(f"--output-dir {self.out} already holds a run; pass --resume auto "
                             "to continue it, or choose another --output-dir")
         self.claim_output_dir()
         resume = checkpoint.resume_point(self.accelerator, self.train_cfg.resume, ckpt_dir)
         if self.is_main and self.recipe_config is not None and resume is None:
-            write_json(self.out / "config.json", self.recipe_config)
+            self.folder.write_config(self.recipe_config)
         self.accelerator.wait_for_everyone()
         if resume is not None:
             # The stage first: the checkpoint holds that stage's optimizer and schedule.
@@ -308,7 +311,7 @@ class Trainer:
         if self.is_main:  # only once the resume is sound: a refused run changes nothing
             provenance.record(self.out, self.accelerator.device,
                               self.accelerator.num_processes, self.parallel.name)
-            drop_torn_row(self.out / "metrics.jsonl")
+            self.folder.repair_metrics()
         self.accelerator.init_trackers("tensorboard")
         acc, opt = self.accelerator, self.scheduler.optimizer
         self.print(f"training {self.total_steps} steps ({self.epochs_str()}) on "
@@ -322,7 +325,7 @@ class Trainer:
 
     def save(self) -> Path:
         if self._saved is None or self._saved[0] != self.step:  # not twice at one step
-            path = checkpoint.save(self.parallel, self.out / "checkpoints", self.step,
+            path = checkpoint.save(self.parallel, self.folder.checkpoints, self.step,
                                    {"step": self.step, "total_steps": self.total_steps,
                                     "extra": self.extra_state()},
                                    self.train_cfg.keep_checkpoints)
@@ -411,7 +414,7 @@ class Trainer:
         acc, opt = self.accelerator, self.scheduler.optimizer
         # Snapshot through the strategy's checkpoint: the one way that also restores sharded
         # states, an engine's counters and the loss scaler. Collective, like the sweep.
-        snapshot = self.out / ".lr_find_state"
+        snapshot = self.folder.lr_find_state
         if self.is_main:
             shutil.rmtree(snapshot, ignore_errors=True)
             snapshot.mkdir(parents=True)
@@ -447,16 +450,6 @@ class Trainer:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
-
-
-def drop_torn_row(path: Path) -> None:
-    """Cut a row that a crash left half-written at the end of ``path`` (the resumed run logs
-    that step again), so that every line stays one JSON object."""
-    if path.is_file():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
 
 
 def check_stages(stages: list[Stage], layer_groups: int) -> None:

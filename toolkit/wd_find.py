@@ -23,45 +23,44 @@ from pathlib import Path
 
 from toolkit.config import write_json
 from toolkit.errors import UserError
-from toolkit.sweep import Cell, launch_prefix, run_local, split_common
+from toolkit.post import MAIN_METRICS, default_metric, higher_is_better, optimizer_name
+from toolkit.run_folder import RunFolder
+from toolkit.sweep import SweepCell, launch_prefix, run_local, split_common
 
-KINDS = {"l2": ("adam", "Adam + L2"), "decoupled": ("adamw", "AdamW (decoupled)")}
+KINDS = {"l2": "adam", "decoupled": "adamw"}  # the kind of weight decay -> its optim.name
 WDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-LOWER_IS_BETTER = ("loss", "ppl")
 
 
 def find_lr(recipe: Path, out: Path, common: list[str], launcher: str, nproc: int) -> float:
     """The LR range test's first (valley) suggestion, run once into ``out/lr_find``."""
-    folder = out / "lr_find"
-    if not (folder / "lr_find.json").is_file():
+    folder = RunFolder(out / "lr_find")
+    if not folder.lr_find.is_file():
         cmd = [*launch_prefix(launcher, nproc, None), str(recipe), *common, "--lr-find",
-               "--output-dir", str(folder), "--no-progress"]
+               "--output-dir", str(folder.path), "--no-progress"]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             raise UserError(f"the LR range test failed (exit {p.returncode}): "
                             f"{(p.stderr.strip().splitlines() or ['no output'])[-1]}")
-    found = json.loads((folder / "lr_find.json").read_text())["suggestions"]
+    found = folder.read_lr_find()["suggestions"]
     if not found:
-        raise UserError(f"the LR range test in {folder} suggests no lr (no finite loss); "
+        raise UserError(f"the LR range test in {folder.path} suggests no lr (no finite loss); "
                         "pass --lr")
     return next(iter(found.values()))
 
 
-def grid(lr: float, wds: list[float], seeds: list[int]) -> list[Cell]:
-    return [Cell(f"{kind}-wd{wd:g}-seed{seed}",
-                 ("--optim.name", name, "--optim.lr", repr(lr), "--optim.wd", repr(wd),
-                  "--seed", str(seed)))
-            for kind, (name, _) in KINDS.items() for wd in wds for seed in seeds]
+def grid(lr: float, wds: list[float], seeds: list[int]) -> list[SweepCell]:
+    return [SweepCell(f"{kind}-wd{wd:g}-seed{seed}",
+                      ("--optim.name", name, "--optim.lr", repr(lr), "--optim.wd", repr(wd),
+                       "--seed", str(seed)))
+            for kind, name in KINDS.items() for wd in wds for seed in seeds]
 
 
 def pick_metric(results: dict, asked: str | None) -> str:
-    if asked is not None:
-        return asked
-    for key in ("valid_accuracy", "valid_ppl", "valid_loss"):
-        if key in results:
-            return key
-    raise UserError(f"no valid_accuracy, valid_ppl or valid_loss in results ({sorted(results)})"
-                    "; name one with --metric")
+    metric = asked or default_metric(results)
+    if metric is None:
+        raise UserError(f"no {', '.join(MAIN_METRICS)} in results ({sorted(results)}); name "
+                        "one with --metric")
+    return metric
 
 
 def summarize(out: Path, lr: float, wds: list[float], seeds: list[int],
@@ -73,19 +72,19 @@ def summarize(out: Path, lr: float, wds: list[float], seeds: list[int],
         for wd in wds:
             values = []
             for seed in seeds:
-                path = out / f"{kind}-wd{wd:g}-seed{seed}" / "results.json"
-                if path.is_file():
-                    results = json.loads(path.read_text())
+                folder = RunFolder(out / f"{kind}-wd{wd:g}-seed{seed}")
+                results = folder.read_results()
+                if results is not None:
                     metric = pick_metric(results, metric)
                     if metric not in results:
-                        raise UserError(f"{path} has no {metric}; choose --metric among "
+                        raise UserError(f"{folder.results} has no {metric}; choose --metric among "
                                         f"{', '.join(sorted(results))}")
                     values.append(float(results[metric]))
             if values and all(math.isfinite(v) for v in values):
                 table[kind][f"{wd:g}"] = statistics.fmean(values)
     if metric is None or not all(table.values()):
         raise UserError(f"no finished run for {'both kinds' if metric else 'any cell'} in {out}")
-    lower = any(k in metric for k in LOWER_IS_BETTER)
+    lower = not higher_is_better(metric)
     best = {kind: (min if lower else max)(row, key=row.get) for kind, row in table.items()}
     return {"lr": lr, "metric": metric, "lower_is_better": lower, "seeds": seeds,
             "table": table, "best_wd": {k: float(v) for k, v in best.items()},
@@ -104,7 +103,7 @@ def plot(summary: dict, path: Path) -> None:
     for k, (kind, row) in enumerate(summary["table"].items()):
         wds = sorted(row, key=float)
         ax.plot([float(w) for w in wds], [row[w] for w in wds], "o-", color=f"C{k}",
-                label=f"{KINDS[kind][1]}: best wd {summary['best_wd'][kind]:g}")
+                label=f"{optimizer_name(KINDS[kind])}: best wd {summary['best_wd'][kind]:g}")
         ax.plot(summary["best_wd"][kind], summary["best"][kind], "*", ms=14, color=f"C{k}")
     ax.set(xscale="log", xlabel="weight decay", ylabel=summary["metric"],
            title=f"weight decay at lr {summary['lr']:.3g} "
@@ -125,8 +124,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--lr", type=float, help="max lr of every run (default: the LR range "
                    "test's valley suggestion)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--metric", help="results.json key to compare (default valid_accuracy, "
-                   "else valid_ppl, else valid_loss)")
+    p.add_argument("--metric", help=f"{RunFolder.RESULTS} key to compare (default: the first "
+                   f"present of {', '.join(MAIN_METRICS)})")
     p.add_argument("--launcher", default="python")
     p.add_argument("--nproc", type=int, default=2)
     ns = p.parse_args(own)

@@ -126,9 +126,10 @@ class Strategy:
     @staticmethod
     def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor] | None:
         """The full weights in a checkpoint folder of this layout, read in one process."""
+        from accelerate.utils import SAFE_WEIGHTS_NAME
         from safetensors.torch import load_file
 
-        weights = folder / "model.safetensors"
+        weights = folder / SAFE_WEIGHTS_NAME  # Accelerate's file in a checkpoint
         return load_file(weights) if weights.is_file() else None
 
     def hard_exit(self) -> bool:

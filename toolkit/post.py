@@ -1,0 +1,31 @@
+"""The post's words, shared by ``toolkit sweep``, ``report`` and ``wd-find``: the names of
+its optimizers and the metric its tables compare.
+
+The post (fast.ai's "AdamW and super-convergence") compares Adam with L2 regularization
+(Adam-L2, ``optim.name adam``) against decoupled weight decay (AdamW), each without and with
+AMSGrad, by validation accuracy (a language model's by perplexity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+OPTIMIZERS = {"adam": "Adam-L2", "adamw": "AdamW"}
+"""``optim.name`` -> the post's name; a sweep names its folders after them in lower case."""
+MAIN_METRICS = ("valid_accuracy", "valid_ppl", "valid_loss")
+"""The metric compared unless one is asked for: the first of these the runs have."""
+
+
+def optimizer_name(name: str) -> str:
+    """The post's name of ``optim.name`` ``name``; another optimizer's in upper case (SGD)."""
+    return OPTIMIZERS.get(name, str(name).upper())
+
+
+def default_metric(keys: Iterable[str]) -> str | None:
+    """The first of :data:`MAIN_METRICS` among ``keys``; None when there is none."""
+    keys = set(keys)
+    return next((m for m in MAIN_METRICS if m in keys), None)
+
+
+def higher_is_better(metric: str) -> bool:
+    return "accuracy" in metric  # losses, perplexities and times fall
