@@ -44,7 +44,8 @@ from toolkit.data.cars import SIZE, SideOn, cars_data
 from toolkit.eval.tta import accuracy_line, tta_accuracy
 from toolkit.models.resnet import resnet50
 from toolkit.recipe import Run
-from toolkit.trainer import Trainer, head_first
+from toolkit.stages import head_first
+from toolkit.trainer import Trainer
 
 
 @dataclass

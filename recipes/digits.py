@@ -38,7 +38,8 @@ from toolkit.data.source import DeviceTensors
 from toolkit.errors import UserError
 from toolkit.eval.tta import accuracy_line, tta_accuracy
 from toolkit.recipe import Run
-from toolkit.trainer import Trainer, head_first
+from toolkit.stages import head_first
+from toolkit.trainer import Trainer
 
 
 @dataclass

@@ -105,6 +105,8 @@ class TinyTrainer(Trainer):
 
 def main() -> None:
     cfg = parse({"default": Config})
+    if lifecycle.launched():
+        lifecycle.exit_with_launcher()
     torch.manual_seed(cfg.train.seed)
     data = dict(kind=cfg.data, workers=cfg.workers)
     net, bn_batches = model(cfg.dropout, cfg.batchnorm), []

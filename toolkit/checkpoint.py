@@ -30,7 +30,7 @@ import torch
 
 from toolkit import parallel
 from toolkit.atomic import fsync_dir, write_atomic
-from toolkit.distributed import all_reduce_sum, gather_objects
+from toolkit.distributed import any_failed, gather_objects
 from toolkit.errors import UserError
 
 MARKER = "COMMITTED"
@@ -221,8 +221,7 @@ def _collectively(accelerator, work, tmp: Path, ckpt_dir: Path, main_only: bool 
             work()
         except (OSError, RuntimeError, ValueError) as e:
             error = e
-    failed = all_reduce_sum(torch.tensor([float(error is not None)], dtype=torch.float64))
-    if failed.item() > 0:
+    if any_failed(error):
         if error is not None:
             raise _save_failed(error, tmp, ckpt_dir) from error
         raise UserError(f"saving a checkpoint in {ckpt_dir} failed on another rank (see its "

@@ -70,6 +70,25 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_failed(error: BaseException | None) -> bool:
+    """Whether some rank holds an ``error`` (collective): then every rank raises, and none
+    is left waiting in a collective that the failed one never joins."""
+    flag = torch.tensor([float(error is not None)], dtype=torch.float64)
+    return all_reduce_sum(flag).item() > 0
+
+
+def mean_of_sums(sums: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Each ``sums[k] / sums["count"]``, both summed over ranks in float64 (collective):
+    an evaluation's means over every rank's examples."""
+    keys = sorted(sums)
+    totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float64)
+                                         for k in keys]))
+    count = totals[keys.index("count")].item()
+    if not count:
+        raise ValueError("the evaluation batches hold no example")
+    return {k: totals[i].item() / count for i, k in enumerate(keys) if k != "count"}
+
+
 def gather_objects(obj) -> list:
     """``obj`` of every rank, in rank order (``[obj]`` in a single process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

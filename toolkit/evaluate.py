@@ -21,8 +21,6 @@ import dataclasses
 import importlib
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -57,10 +55,10 @@ def evaluate(run_dir: Path, checkpoint: str | None, overrides: list[str],
     folder = RunFolder(run_dir)
     recipe = recipe_of(folder)
     saved = from_dict(recipe.Config, folder.read_config())
-    # A scratch output folder: evaluation writes nothing into the run but eval.json.
-    scratch = tempfile.mkdtemp(prefix="toolkit-eval-")
-    train = dataclasses.replace(saved.train, output_dir=scratch, resume=None, progress=False,
-                                strategy="ddp", deepspeed_config=None)
+    # A trainer touches its folder only when it trains: scoring writes nothing into the run
+    # but eval.json.
+    train = dataclasses.replace(saved.train, output_dir=str(run_dir), resume=None,
+                                progress=False, strategy="ddp", deepspeed_config=None)
     cfg = parse({"run": lambda: dataclasses.replace(saved, train=train)}, overrides)
     if checkpoint is not None:
         step_dir = folder.checkpoints / checkpoint
@@ -96,7 +94,6 @@ def evaluate(run_dir: Path, checkpoint: str | None, overrides: list[str],
                                  "text": run.generate(n, temperature, seed)}
     finally:
         trainer.close()
-        shutil.rmtree(scratch, ignore_errors=True)
     return results
 
 
@@ -125,6 +122,8 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--generate {ns.generate} must be >= 1 token")
     if not (ns.temperature > 0 and math.isfinite(ns.temperature)):
         raise UserError(f"--temperature {ns.temperature} must be > 0")
+    if lifecycle.launched():
+        lifecycle.exit_with_launcher()
     run_dir = Path(ns.run_dir)
     results = evaluate(run_dir, ns.checkpoint, overrides,
                        (ns.thetas, ns.lambdas) if ns.tune_cache else None,

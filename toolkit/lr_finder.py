@@ -10,12 +10,16 @@ stops deadlock the next collective, fastai #2485).
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from toolkit import checkpoint
+from toolkit.distributed import all_reduce_sum
 from toolkit.run_folder import RunFolder
+from toolkit.schedule import set_lr
 
 
 def _valley_index(loss: np.ndarray) -> int:
@@ -117,6 +121,45 @@ def sweep(step: Callable[[float], float], start_lr: float = 1e-7, end_lr: float 
     # fastai trims a tenth of the planned sweep, also when it stopped early.
     return {"lrs": lrs, "losses": losses, "smoothed": smoothed,
             "suggestions": suggestions(lrs, smoothed, skip_start=num_steps // 10)}
+
+
+def range_test(trainer, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100,
+               smooth: float = 0.98, stop_div: float = 4.0) -> dict:
+    """Sweep ``trainer``'s max lr from ``start_lr`` to ``end_lr`` through its own optimizer
+    step (groups keep their lr ratios), write ``lr_find.json``/``.png``, and leave model,
+    optimizer, schedule, RNG and step exactly as they were. Collective."""
+    check_sweep(start_lr, end_lr, num_steps)
+    acc, opt, folder = trainer.accelerator, trainer.scheduler.optimizer, trainer.folder
+    # Snapshot through the strategy's checkpoint: the one way that also restores sharded
+    # states, an engine's counters and the loss scaler. Collective, like the sweep.
+    snapshot = folder.lr_find_state
+    if acc.is_main_process:
+        shutil.rmtree(snapshot, ignore_errors=True)
+        snapshot.mkdir(parents=True)
+    acc.wait_for_everyone()
+    trainer.parallel.save(snapshot)
+    saved_rng, saved_step = checkpoint.rng_state(), trainer.step
+    top = max(trainer.scheduler.base_lrs)
+    ratios = [b / top for b in trainer.scheduler.base_lrs]
+    it = trainer.train_data.batches(trainer.step)
+    trainer.model.train()
+
+    def step(lr: float) -> float:
+        for group, r in zip(opt.param_groups, ratios):
+            set_lr(group, lr * r)
+        loss = all_reduce_sum(trainer.optimizer_step(it, step_schedule=False).double())
+        return loss.item() / acc.num_processes
+
+    result = sweep(step, start_lr, end_lr, num_steps, smooth, stop_div)
+    trainer.parallel.load(snapshot)
+    checkpoint.set_rng_state(saved_rng)
+    trainer.step = saved_step
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(snapshot)
+        write(result, folder.path)
+    acc.wait_for_everyone()
+    return result
 
 
 def write(result: dict, out: Path) -> None:

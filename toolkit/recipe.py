@@ -152,6 +152,8 @@ def main(presets: Mapping[str, Callable], build: Callable[..., Run],
     try:
         cfg = parse(presets, argv, description=(description or "").strip().splitlines()[0]
                     if description else None)
+        if lifecycle.launched():  # a worker: it ends with its launcher
+            lifecycle.exit_with_launcher()
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         run = build(cfg)
         code = execute(run, cfg.train.lr_find)

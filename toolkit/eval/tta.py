@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from accelerate.utils import send_to_device
 
 from toolkit.data.source import mix_seed
-from toolkit.distributed import all_reduce_sum
+from toolkit.distributed import mean_of_sums
 
 Augment = Callable[[torch.Tensor, Callable[..., torch.Tensor]], torch.Tensor]
 """``augment(x, draw)``: a batch of inputs, randomly changed with numbers from ``draw``."""
@@ -120,8 +120,9 @@ def tta_accuracy(trainer, eval_batches: Iterable, augment: Augment, n_aug: int =
     world, rank = acc.num_processes, acc.process_index
     was_training = model.training
     model.eval()
-    kinds = ("plain", "tta", "fixed")
-    sums = torch.zeros(2 * len(kinds) + 1, dtype=torch.float64)
+    names = {"plain": "plain", "tta": "tta", "fixed": "tta_fixed"}
+    sums = {"count": 0.0, **{f"{n}_{m}": 0.0 for n in names.values()
+                             for m in ("accuracy", "loss")}}
     seen = 0
     try:
         for batch in eval_batches:
@@ -129,26 +130,17 @@ def tta_accuracy(trainer, eval_batches: Iterable, augment: Augment, n_aug: int =
             indices = [rank + world * (seen + j) for j in range(len(y))]
             out = tta_probs(model, x, indices, augment, n_aug, seed=seed, shift=shift,
                             flip=flip)
-            for i, kind in enumerate(kinds):
+            for kind, name in names.items():
                 p = out[kind]
                 target = p.gather(1, y.view(-1, 1)).squeeze(1)
-                sums[2 * i] += (p.argmax(-1) == y).sum().item()
+                sums[f"{name}_accuracy"] += (p.argmax(-1) == y).sum().item()
                 nll = -target.clamp_min(torch.finfo(p.dtype).tiny).log()
-                sums[2 * i + 1] += nll.double().sum().item()
-            sums[-1] += len(y)
+                sums[f"{name}_loss"] += nll.double().sum().item()
+            sums["count"] += len(y)
             seen += len(y)
     finally:
         model.train(was_training)
-    totals = all_reduce_sum(sums)
-    count = totals[-1].item()
-    if not count:
-        raise ValueError("tta_accuracy: the evaluation batches hold no example")
-    names = {"plain": "plain", "tta": "tta", "fixed": "tta_fixed"}
-    result = {}
-    for i, kind in enumerate(kinds):
-        result[f"{names[kind]}_accuracy"] = totals[2 * i].item() / count
-        result[f"{names[kind]}_loss"] = totals[2 * i + 1].item() / count
-    return result
+    return mean_of_sums(sums)
 
 
 def accuracy_line(results: dict) -> str:
