@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 
 from report import device_name, emit
-from toolkit.eval import CachePointer, cache_pointer_reference
+from toolkit.lm.cache_pointer import CachePointer, cache_pointer_reference
 
 THETA, LAMBDA, WINDOW = 0.662, 0.1279, 3785  # the post's values
 

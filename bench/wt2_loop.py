@@ -29,9 +29,9 @@ import torch
 
 from recipes import wt2  # its presets and model builder
 from report import device_name, emit
-from toolkit.data.wikitext import BPTTStream, load_wikitext2
+from toolkit.lm.data import BPTTStream, load_wikitext2
 from toolkit.lm import LMTrainer
-from toolkit.models.awd_lstm import repackage_hidden
+from toolkit.lm.awd_lstm import repackage_hidden
 from toolkit.schedule import set_lr
 
 ROOT = Path(__file__).resolve().parents[1]

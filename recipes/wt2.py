@@ -53,14 +53,14 @@ import torch
 
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
-from toolkit.data.wikitext import Batching, load_wikitext2
-from toolkit.eval.cache_pointer import CachePointer, check_cache_pointer
-from toolkit.eval.cache_pointer import grid as cache_grid
+from toolkit.lm.data import Batching, load_wikitext2
+from toolkit.lm.cache_pointer import CachePointer, check_cache_pointer
+from toolkit.lm.cache_pointer import grid as cache_grid
 from toolkit.errors import UserError
 from toolkit.lm import LanguageModel, LMTrainer
 from toolkit.recipe import Run
-from toolkit.models.awd_lstm import AROn, AWDLSTM
-from toolkit.models.qrnn import AWDQRNN
+from toolkit.lm.awd_lstm import AROn, AWDLSTM
+from toolkit.lm.qrnn import AWDQRNN
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.sweep import free_port
+from toolkit.experiments.sweep import free_port
 
 DAEMONS = ("sbatch", "slurmctld", "slurmd", "munged")
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")

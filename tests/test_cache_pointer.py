@@ -1,4 +1,4 @@
-"""toolkit.eval.cache_pointer: the per-token reference against values worked out by hand,
+"""toolkit.lm.cache_pointer: the per-token reference against values worked out by hand,
 the vectorized CachePointer against that reference on streams of several batches (so the
 cache carried across batches counts), and the limits lambda 0 and theta 0 against
 formulas that use neither implementation.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from toolkit.eval import CachePointer, cache_pointer_reference
+from toolkit.lm.cache_pointer import CachePointer, cache_pointer_reference
 
 BATCHES = (37, 64, 1, 80, 50, 68)  # 300 tokens, uneven so chunk and batch edges differ
 
@@ -182,7 +182,7 @@ def test_rejects_bad_values():
 def test_the_grid_scores_each_pair_as_the_pointer_does():
     """grid() reuses one cache pass per theta for every lambda: each pair's perplexity is
     exactly what CachePointer.score over the same batches gives."""
-    from toolkit.eval.cache_pointer import grid
+    from toolkit.lm.cache_pointer import grid
 
     gen = torch.Generator().manual_seed(5)
     batches = []

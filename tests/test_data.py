@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from toolkit.data.source import DeviceTensors, Draw, Loader
-from toolkit.data.wikitext import BPTTData
+from toolkit.lm.data import BPTTData
 
 N, BATCH, STEPS = 96, 24, 11  # 4 steps per epoch: STEPS crosses two epoch ends
 CPU = torch.device("cpu")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DIGITS, ROOT, env, launch
-from toolkit.sweep import launch_prefix
+from toolkit.experiments.sweep import launch_prefix
 
 WT2 = ROOT / "recipes" / "wt2.py"
 WT2_DIR = Path(os.environ.get("WIKITEXT2_DIR", ROOT.parent / "shared" / "data" / "wikitext-2"))

@@ -19,7 +19,7 @@ from conftest import ROOT, TINY, command, dumps, env, launch
 from test_resume import kill_all, run_processes, wait_for
 from toolkit import checkpoint
 from toolkit.atomic import write_atomic
-from toolkit.memory import estimate
+from toolkit.experiments.memory import estimate
 from toolkit.parallel.fsdp2 import SHARDS, read_whole
 
 N_PARAMS = 16 * 64 + 64 + 64 * 4 + 4  # tiny's MLP

@@ -15,7 +15,7 @@ from toolkit import parallel as strategy
 from toolkit.cli import main
 from toolkit.config import OptimConfig
 from toolkit.errors import UserError
-from toolkit.memory import CATEGORIES, estimate, parse_count
+from toolkit.experiments.memory import CATEGORIES, estimate, parse_count
 from toolkit.parallel import CONCRETE
 
 ZERO = ("zero1", "zero2", "zero3", "zero2-offload", "zero3-offload")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toolkit.models import (
+from toolkit.lm import (
     AWDLSTM,
     AWDQRNN,
     QRNNLayer,
@@ -27,7 +27,7 @@ from toolkit.models import (
     repackage_hidden,
     temporal_activation_reg,
 )
-from toolkit.models import qrnn as qrnn_module
+from toolkit.lm import qrnn as qrnn_module
 
 MODELS = [AWDLSTM, AWDQRNN]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY, env, launch
-from toolkit.plot import plot_run
+from toolkit.experiments.plot import plot_run
 from toolkit.run_folder import RunFolder
 
 TRAIN_KEYS = {"step", "stage", "epoch", "lr", "beta1", "train_loss"}

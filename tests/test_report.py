@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import DIGITS, ROOT, env, launch
 from report_runs import write_grid, write_run
-from toolkit import report
+from toolkit.experiments import report
 from toolkit.errors import UserError
 
 CELL = re.compile(r"^(\S+) ± (\S+) \(n=(\d+)\)$")
@@ -252,7 +252,7 @@ def test_bad_input_is_one_line(tmp_path):
 
 def test_cli_error_line(tmp_path):
     """Through the CLI's wrapper, as ``toolkit report`` runs: exit 2 and one ``error:`` line."""
-    code = ("import sys; from toolkit.cli import run; from toolkit.report import main; "
+    code = ("import sys; from toolkit.cli import run; from toolkit.experiments.report import main; "
             "run(lambda: main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=60)

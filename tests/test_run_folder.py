@@ -113,7 +113,7 @@ def test_status_of_each_kind(folder, tmp_path):
 def test_status_of_runs_the_report_reads(tmp_path):
     from report_runs import write_run
 
-    from toolkit import report
+    from toolkit.experiments import report
 
     write_run(tmp_path / "runs" / "done")
     write_run(tmp_path / "runs" / "half", finished=False)

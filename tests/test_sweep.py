@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, env
 from toolkit.errors import UserError
-from toolkit.sweep import cells
+from toolkit.experiments.sweep import cells
 
 DIGITS = "recipes/digits.py"
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from toolkit.data import wikitext as wt
-from toolkit.data.wikitext import BPTTStream, Corpus, batchify, load_wikitext2
+from toolkit.lm.data import BPTTStream, Corpus, batchify, load_wikitext2
 from toolkit.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -260,7 +260,7 @@ def test_paper_lstm_epoch_on_the_real_data_is_fastai_297_steps(tmp_path, monkeyp
     """fastai 0.7's LanguageModelLoader: rows // bptt - 1 = 20,886 // 70 - 1 = 297 batches
     per epoch at batch size 100 (salesforce's loop: 308.7 on average), the first bptt + 25."""
     in_process(monkeypatch)
-    from toolkit.data.wikitext import load_wikitext2
+    from toolkit.lm.data import load_wikitext2
 
     wt2 = recipe()
     corpus = load_wikitext2(DATA, cache_dir=tmp_path / "cache")

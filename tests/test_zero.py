@@ -6,7 +6,6 @@ exact resume, the LR finder, and the launch configs. The heaviest cases are ``sl
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch

@@ -2,7 +2,7 @@
 
 One writer for every small file the toolkit must never leave half-written: ``config.json``,
 ``results.json``, ``lr_find.json`` (:func:`toolkit.config.write_json`), the token cache
-(:mod:`toolkit.data.wikitext`) and a checkpoint's ``COMMITTED`` marker
+(:mod:`toolkit.lm.data`) and a checkpoint's ``COMMITTED`` marker
 (:mod:`toolkit.checkpoint`). The recipe is torch DCP's for its ``.metadata``: a temp file in
 the same folder (a rename is atomic only within one file system), written, flushed and
 fsynced (else the rename can reach the disk before the data, and a crash leaves an empty

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
 def _plot(args: list[str]) -> None:
     import argparse
 
-    from toolkit.plot import plot_run
+    from toolkit.experiments.plot import plot_run
     from toolkit.run_folder import RunFolder
 
     parser = argparse.ArgumentParser(prog="toolkit plot",
@@ -60,13 +60,13 @@ def _plot(args: list[str]) -> None:
 
 
 def _sweep(args: list[str]) -> None:
-    from toolkit.sweep import main as sweep
+    from toolkit.experiments.sweep import main as sweep
 
     sweep(args)
 
 
 def _report(args: list[str]) -> None:
-    from toolkit.report import main as report
+    from toolkit.experiments.report import main as report
 
     report(args)
 
@@ -78,7 +78,7 @@ def _evaluate(args: list[str]) -> None:
 
 
 def _wd_find(args: list[str]) -> None:
-    from toolkit.wd_find import main as wd_find
+    from toolkit.experiments.wd_find import main as wd_find
 
     wd_find(args)
 
@@ -86,7 +86,7 @@ def _wd_find(args: list[str]) -> None:
 def _memory(args: list[str]) -> None:
     import argparse
 
-    from toolkit import memory
+    from toolkit.experiments import memory
     from toolkit.distributed import PRECISIONS
     from toolkit.optim import OPTIMIZERS
     from toolkit.parallel import CONCRETE

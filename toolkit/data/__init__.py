@@ -1,1 +1,2 @@
-"""Data sets and the batching that goes with them (WikiText-2 streams for language models)."""
+"""Data sets of the image recipes and the data protocol the trainer reads
+(:mod:`~toolkit.data.source`); WikiText-2 is :mod:`toolkit.lm.data`'s."""

@@ -15,7 +15,7 @@ the step and nothing else, and a global batch is the same examples for any numbe
 processes and accumulation steps (:mod:`toolkit.sampler`). The kinds: :class:`Loader`, a
 map-style dataset through a ``DataLoader`` with workers; :class:`DeviceTensors`, whole tensors
 on the device with a batched augmentation; and
-:class:`~toolkit.data.wikitext.BPTTData`, a token stream cut for truncated BPTT.
+:class:`~toolkit.lm.data.BPTTData`, a token stream cut for truncated BPTT.
 """
 
 from __future__ import annotations

@@ -1,5 +1,2 @@
-"""Evaluation-time add-ons to a trained model (they change no weights)."""
-
-from toolkit.eval.cache_pointer import CachePointer, cache_pointer_reference
-
-__all__ = ["CachePointer", "cache_pointer_reference"]
+"""Evaluation-time add-ons to a trained image model: test-time augmentation (they change no
+weights; the language models' cache pointer is :mod:`toolkit.lm.cache_pointer`)."""

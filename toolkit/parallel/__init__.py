@@ -19,7 +19,8 @@ from typing import Literal, get_args
 
 from toolkit.errors import UserError
 from toolkit.parallel import ddp, fsdp2, zero
-from toolkit.parallel.base import Strategy as Base, optimizer_state_bytes, torch_optimizer  # noqa: F401
+from toolkit.parallel.base import Strategy as Base
+from toolkit.parallel.base import optimizer_state_bytes, torch_optimizer  # noqa: F401
 
 Concrete = Literal["ddp", "zero1", "zero2", "zero3", "zero2-offload", "zero3-offload", "fsdp2",
                    "fsdp2-offload"]

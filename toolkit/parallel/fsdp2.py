@@ -45,8 +45,8 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     for child in children:
         for p in child.parameters():
             owners[id(p)] = owners.get(id(p), 0) + 1
-    return [c for c in children
-            if any(True for _ in c.parameters()) and all(owners[id(p)] == 1 for p in c.parameters())]
+    return [c for c in children if any(True for _ in c.parameters())
+            and all(owners[id(p)] == 1 for p in c.parameters())]
 
 
 def read_whole(folder: Path, prefix: str) -> dict[str, torch.Tensor]:

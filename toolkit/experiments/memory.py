@@ -98,7 +98,7 @@ def model_params(name: str, vocab: int) -> int:
     tied weights count once, as the optimizer sees them."""
     import torch
 
-    from toolkit.models import AWDLSTM, AWDQRNN
+    from toolkit.lm import AWDLSTM, AWDQRNN
 
     classes = {"awd-lstm": AWDLSTM, "awd-qrnn": AWDQRNN}
     if name not in classes:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from toolkit.errors import UserError
-from toolkit.post import (MAIN_METRICS, OPTIMIZERS, default_metric, higher_is_better,
+from toolkit.experiments.post import (MAIN_METRICS, OPTIMIZERS, default_metric, higher_is_better,
                           optimizer_name)
 from toolkit.run_folder import FINISHED, RunFolder
 
@@ -170,7 +170,7 @@ def cells(runs: list[RunDir]) -> dict[TableCell, list[RunDir]]:
 
 
 def main_metric(runs: list[RunDir], metric: str | None = None) -> str | None:
-    """``metric``, or the first of :data:`toolkit.post.MAIN_METRICS` the runs have (None:
+    """``metric``, or the first of :data:`toolkit.experiments.post.MAIN_METRICS` the runs have (None:
     none yet)."""
     seen = {k for r in runs for k in [*(r.results or {}), *(k for row in r.rows for k in row)]}
     if metric is None:

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.errors import UserError
-from toolkit.post import OPTIMIZERS
+from toolkit.experiments.post import OPTIMIZERS
 from toolkit.run_folder import FINISHED, NEW, RunFolder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GRID_SCRIPT = ROOT / "slurm" / "grid.sbatch"
 
 

@@ -7,7 +7,7 @@ decay differs by orders of magnitude between L2 in the loss (Adam) and decoupled
 (AdamW); on CIFAR-10 it found L2's best near 1e-6-scale values at max lr 1e-3 and decoupled
 decay's at 0.3 with lr 3e-3. This runs the LR range test once (or takes ``--lr``), then short
 1cycle runs at that lr over a log grid of weight decays (``--wds``) for both kinds, through
-:mod:`toolkit.sweep` (finished cells are skipped when run again), and reports the best of
+:mod:`toolkit.experiments.sweep` (finished cells are skipped when run again), and reports the best of
 each, their ratio and a plot (``OUT/wd_find.png``, numbers in ``OUT/wd_find.json``).
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 from toolkit.config import write_json
 from toolkit.errors import UserError
-from toolkit.post import MAIN_METRICS, default_metric, higher_is_better, optimizer_name
+from toolkit.experiments.post import MAIN_METRICS, default_metric, higher_is_better, optimizer_name
 from toolkit.run_folder import RunFolder
-from toolkit.sweep import SweepCell, launch_prefix, run_local, split_common
+from toolkit.experiments.sweep import SweepCell, launch_prefix, run_local, split_common
 
 KINDS = {"l2": "adam", "decoupled": "adamw"}  # the kind of weight decay -> its optim.name
 WDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)

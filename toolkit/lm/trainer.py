@@ -1,6 +1,6 @@
 """Language modelling with truncated BPTT: a loss head over an AWD body, and its trainer.
 
-:class:`LanguageModel` puts a softmax on :class:`~toolkit.models.awd_lstm.AWDLanguageModel`
+:class:`LanguageModel` puts a softmax on :class:`~toolkit.lm.awd_lstm.AWDLanguageModel`
 (AWD-LSTM or AWD-QRNN): the full tied one, or torch's ``nn.AdaptiveLogSoftmaxWithLoss``
 (Grave et al., 2017) over a vocabulary sorted by frequency, whose head holds the frequent
 words and whose smaller tail clusters the rare ones. Its one ``forward`` returns the
@@ -8,7 +8,7 @@ log-probability of each target and the hidden states the cache pointer reads, so
 evaluation and the cache all go through the prepared model (a sharded model gathers its
 parameters in its own forward).
 
-:class:`LMTrainer` trains it on a :class:`~toolkit.data.wikitext.BPTTStream`, AWD-LSTM's way:
+:class:`LMTrainer` trains it on a :class:`~toolkit.lm.data.BPTTStream`, AWD-LSTM's way:
 one batch of variable length is one optimizer step, the hidden state is carried from batch to
 batch (detached) and zeroed at the start of each epoch. Two habits of salesforce's AWD-LSTM
 that fastai 0.7 (the post's code) does not share are options: the lr of a batch scaled by
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from toolkit.data.wikitext import Batching, BPTTData, BPTTStream
+from toolkit.lm.data import Batching, BPTTData, BPTTStream
 from toolkit.errors import UserError
-from toolkit.eval.cache_pointer import CachePointer
-from toolkit.models.awd_lstm import AWDLanguageModel, repackage_hidden
+from toolkit.lm.cache_pointer import CachePointer
+from toolkit.lm.awd_lstm import AWDLanguageModel, repackage_hidden
 from toolkit.trainer import Trainer
 
 
@@ -39,7 +39,7 @@ class LanguageModel(nn.Module):
 
     ``cutoffs`` e.g. ``(2000, 10000)``: the 2,000 most frequent ids in the head, the next
     8,000 and the rest in two tail clusters projected down by ``div_value`` (4) each time;
-    ids must be sorted by frequency (:func:`toolkit.data.wikitext.word_vocab` is). The adaptive
+    ids must be sorted by frequency (:func:`toolkit.lm.data.word_vocab` is). The adaptive
     softmax has its own output matrices, so the body's decoder is removed (an unused
     parameter would also stall DDP's gradient reduction).
     """
@@ -100,7 +100,7 @@ class LanguageModel(nn.Module):
 class LMTrainer(Trainer):
     """:class:`~toolkit.trainer.Trainer` for BPTT language modelling.
 
-    ``train_ids`` / ``valid_ids``: token streams, as :class:`~toolkit.data.wikitext.BPTTData`.
+    ``train_ids`` / ``valid_ids``: token streams, as :class:`~toolkit.lm.data.BPTTData`.
     Each rank trains on its ``batch_size // world`` columns of the ``batch_size``-column
     stream (AWD's ``batchify``), cut into AWD's variable lengths around ``bptt`` (70), and
     carries one hidden state per accumulation part; validation cuts ``eval_batch_size`` (10)
@@ -109,7 +109,7 @@ class LMTrainer(Trainer):
     ``batching``: where an epoch starts and ends, ``"salesforce"`` (AWD-LSTM's ``main.py``:
     to the end of the data) or ``"fastai"`` (fastai 0.7's ``LanguageModelLoader``: first
     batch ``bptt + 25``, ``rows // bptt - 1`` batches); see
-    :class:`~toolkit.data.wikitext.BPTTStream`. ``lr_scale_seq_len``: salesforce AWD-LSTM
+    :class:`~toolkit.lm.data.BPTTStream`. ``lr_scale_seq_len``: salesforce AWD-LSTM
     scales each batch's lr by ``seq_len / bptt``; fastai 0.7's ``Stepper.step`` does not.
     The defaults are salesforce's; the post's runs used ``"fastai"`` and ``False``.
     """
@@ -207,7 +207,7 @@ class LMTrainer(Trainer):
     def record_stream(self, ids: Tensor, bptt: int = 2000) -> list[tuple[Tensor, Tensor, Tensor]]:
         """The forward pass of :meth:`score_stream` once, kept: per batch the targets' log
         p_vocab (float64), the last layer's outputs and the targets, for scoring many cache
-        pointers without running the model again (:func:`~toolkit.eval.cache_pointer.grid`)."""
+        pointers without running the model again (:func:`~toolkit.lm.cache_pointer.grid`)."""
         model = self.parallel.scoring_model()
         device = self.accelerator.device
         model.eval()

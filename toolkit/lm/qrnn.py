@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from toolkit.models.awd_lstm import AROn, AWDLanguageModel, LayerState
+from toolkit.lm.awd_lstm import AROn, AWDLanguageModel, LayerState
 
 try:
     import triton
@@ -253,7 +253,7 @@ class AWDQRNN(AWDLanguageModel):
     Dropouts (fastai order input, output, weight, embedding, hidden): ``dropouti=0.4,
     dropout=0.4, wdrop=0.1, dropoute=0.1, dropouth=0.2``, salesforce's WikiText-2 QRNN
     command. Window 2 on the first layer, 1 above. ``alpha=2, beta=1``, AR on the dropped
-    output (``ar_on``, see :class:`~toolkit.models.awd_lstm.AWDLanguageModel`). With vocab
+    output (``ar_on``, see :class:`~toolkit.lm.awd_lstm.AWDLanguageModel`). With vocab
     33,278 it has 33.4M parameters (24.0M with PTB's 10,000).
     """
 

@@ -158,8 +158,8 @@ class AWDLanguageModel(nn.Module):
 
     ``layers`` are modules with ``forward(x, state) -> (output, state)``,
     ``init_state(batch_size)``, ``input_size`` and ``hidden_size`` (:class:`WeightDropLSTM`,
-    :class:`toolkit.models.qrnn.QRNNLayer`). :class:`AWDLSTM` and
-    :class:`toolkit.models.qrnn.AWDQRNN` build them; the recipe swaps one for the other.
+    :class:`toolkit.lm.qrnn.QRNNLayer`). :class:`AWDLSTM` and
+    :class:`toolkit.lm.qrnn.AWDQRNN` build them; the recipe swaps one for the other.
 
     ``ar_on`` picks the output AR penalizes: ``"dropped"`` (salesforce AWD-LSTM, after the
     output dropout) or ``"raw"`` (fastai 0.7's ``seq2seq_reg``, before it: in expectation

@@ -1,0 +1,79 @@
+"""The tree's layers, checked on the source (the map is ``toolkit/__init__.py``'s docstring):
+imports only go down, DeepSpeed is one module's, FSDP's and DDP's are theirs, the language
+model package and the experiment tools are leaves that the engine never imports."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted((ROOT / "toolkit").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth of the file (lazy imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def toolkit_imports(name: str, path: Path, known: dict) -> set[str]:
+    return {m for m in imports(path) if m in known and m != name}
+
+
+def test_the_import_graph_has_no_cycle():
+    known = modules()
+    graph = {n: toolkit_imports(n, p, known) for n, p in known.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            if nxt == node.rpartition(".")[0] or node.startswith(nxt + "."):
+                continue  # a module of a package and the package's own __init__
+            assert state.get(nxt) != 1, " -> ".join([*trail, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*trail, node])
+        state[node] = 2
+
+    for n in graph:
+        if n not in state:
+            visit(n, [])
+
+
+def test_deepspeed_and_fsdp_are_their_strategy_modules():
+    for name, path in modules().items():
+        found = imports(path)
+        if any(m.split(".")[0] == "deepspeed" for m in found):
+            assert name == "toolkit.parallel.zero", name
+        if any(m.startswith("torch.distributed.fsdp") or m.startswith(
+                "torch.distributed.checkpoint") for m in found):
+            assert name == "toolkit.parallel.fsdp2", name
+        assert "DEEPSPEED" not in path.read_text() or name == "toolkit.parallel.zero", name
+
+
+def test_the_leaves_are_imported_only_from_above():
+    # Who may import the language-model package and the experiment tools.
+    above = {"toolkit.lm": ("toolkit.lm", "toolkit.experiments", "toolkit.cli"),
+             "toolkit.experiments": ("toolkit.experiments", "toolkit.cli"),
+             "toolkit.recipe": ("toolkit.evaluate", "toolkit.cli", "toolkit.experiments"),
+             "toolkit.evaluate": ("toolkit.cli",)}
+    known = modules()
+    for name, path in known.items():
+        for imported in toolkit_imports(name, path, known):
+            for leaf, allowed in above.items():
+                if imported == leaf or imported.startswith(leaf + "."):
+                    assert name.startswith(allowed), f"{name} imports {imported}"
