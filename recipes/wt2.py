@@ -45,7 +45,6 @@ size 1 and bptt 2000, ``valid_ppl_bs1``, ``test_ppl`` and ``{valid,test}_cache_p
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,10 +53,10 @@ import torch
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
 from toolkit.lm.data import Batching, load_wikitext2
-from toolkit.lm.cache_pointer import CachePointer, check_cache_pointer
-from toolkit.lm.cache_pointer import grid as cache_grid
+from toolkit.lm.cache_pointer import check_cache_pointer
 from toolkit.errors import UserError
 from toolkit.lm import LanguageModel, LMTrainer
+from toolkit.lm.trainer import Scoring
 from toolkit.recipe import Run
 from toolkit.lm.awd_lstm import AROn, AWDLSTM
 from toolkit.lm.qrnn import AWDQRNN
@@ -198,8 +197,9 @@ def language_model(vocab_size: int, kind: str, emb_size: int, hidden_size: int, 
 
 
 def build_trainer(cfg: Config, model: LanguageModel, train_ids: torch.Tensor,
-                  valid_ids: torch.Tensor | None) -> LMTrainer:
+                  valid_ids: torch.Tensor | None, scoring: Scoring | None = None) -> LMTrainer:
     return LMTrainer(model, train_ids, valid_ids, bptt=cfg.bptt, batching=cfg.batching,
+                     scoring=scoring,
                      lr_scale_seq_len=cfg.lr_scale_seq_len, eval_batch_size=cfg.eval_batch_size,
                      train=cfg.train, optim=cfg.optim, schedule=cfg.schedule,
                      recipe_config=to_dict(cfg))
@@ -216,50 +216,14 @@ def build(cfg: Config) -> Run:
     except ValueError as e:
         raise UserError(str(e)) from None
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-    trainer = build_trainer(cfg, model, corpus.train, valid)
+    # Batch size 1 on every rank, the same numbers everywhere (see LMTrainer.score_stream).
+    scoring = Scoring(valid, test, cfg.cache_theta, cfg.cache_lambda, cfg.cache_window,
+                      cfg.cache_bptt, vocab=corpus)
+    trainer = build_trainer(cfg, model, corpus.train, valid, scoring)
     trainer.print(f"{cfg.model} language model, {n_params / 1e6:.2f}M parameters, "
                   f"vocabulary {corpus.vocab_size}")
 
-    def cache_pointer() -> dict:
-        # Batch size 1 on every rank, the same numbers everywhere (see LMTrainer.score_stream).
-        pointer = CachePointer(cfg.cache_theta, cfg.cache_lambda, cfg.cache_window)
-        started, results = time.time(), {}
-        for split, ids in (("valid", valid), ("test", test)):
-            scores = trainer.score_stream(ids, cfg.cache_bptt, cache=pointer)
-            results["test_ppl" if split == "test" else "valid_ppl_bs1"] = scores["ppl"]
-            results[f"{split}_cache_ppl"] = scores["cache_ppl"]
-        results["cache_eval_wall_time_s"] = round(time.time() - started, 2)
-        return results
-
-    def tune_cache(thetas: list[float], lambdas: list[float]) -> dict:
-        # The run's own pair is always in the grid: the best is never worse than it.
-        thetas = sorted({*thetas, cfg.cache_theta})
-        lambdas = sorted({*lambdas, cfg.cache_lambda})
-        started = time.time()
-        recorded = trainer.record_stream(valid, cfg.cache_bptt)
-        forward_s, started = time.time() - started, time.time()
-        scores = cache_grid(recorded, thetas, lambdas, cfg.cache_window)
-        grid_s = time.time() - started
-        best = min(scores, key=scores.get)
-        default = (cfg.cache_theta, cfg.cache_lambda)
-        on_test = trainer.record_stream(test, cfg.cache_bptt)
-        test_of = {pair: cache_grid(on_test, [pair[0]], [pair[1]], cfg.cache_window)[pair]
-                   for pair in {best, default}}
-
-        def row(pair: tuple[float, float]) -> dict:
-            return {"theta": pair[0], "lambda": pair[1], "valid_cache_ppl": scores.get(pair),
-                    "test_cache_ppl": test_of.get(pair)}
-
-        return {"tune_cache": {
-            "best": row(best), "default": row(default),
-            "grid": [row(p) for p in sorted(scores)], "pairs": len(scores),
-            "forward_pass_s": round(forward_s, 2), "grid_s": round(grid_s, 2),
-            "grid_over_forward": round(grid_s / forward_s, 2) if forward_s else None}}
-
-    return Run(trainer, final_evaluation=cache_pointer if cfg.cache else None,
-               tune_cache=tune_cache,
-               generate=lambda n, temperature, seed: corpus.decode(trainer.unwrapped().sample(
-                   corpus.eos_id, n, temperature, seed)),
+    return Run(trainer, final_evaluation=trainer.cache_scores if cfg.cache else None,
                model=(language_model, model_args(cfg, corpus.vocab_size)),
                summary=lambda r: "final: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()
                                                        if "ppl" in k))

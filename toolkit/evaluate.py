@@ -29,6 +29,7 @@ from toolkit import lifecycle
 from toolkit.checkpoint import weights as checkpoint_weights
 from toolkit.config import from_dict, parse, write_json
 from toolkit.errors import UserError
+from toolkit.lm import LMTrainer
 from toolkit.run_folder import RunFolder
 
 
@@ -82,16 +83,16 @@ def evaluate(run_dir: Path, checkpoint: str | None, overrides: list[str],
         if run.final_evaluation is not None:
             results.update(run.final_evaluation())
         if tune is not None:
-            if run.tune_cache is None:
+            if not isinstance(trainer, LMTrainer):
                 raise UserError(f"--tune-cache: {recipe.__name__} has no cache pointer to tune "
                                 "(a language-model recipe has)")
-            results.update(run.tune_cache(*tune))
+            results.update(trainer.tune_cache(*tune))
         if generate is not None:
-            if run.generate is None:
+            if not isinstance(trainer, LMTrainer):
                 raise UserError(f"--generate: {recipe.__name__} is not a language model")
             n, temperature, seed = generate
             results["sample"] = {"tokens": n, "temperature": temperature, "seed": seed,
-                                 "text": run.generate(n, temperature, seed)}
+                                 "text": trainer.generate(n, temperature, seed)}
     finally:
         trainer.close()
     return results

@@ -60,13 +60,6 @@ class Run:
     """After a finished fit: more results (e.g. test perplexity with the cache pointer)."""
     summary: Callable[[dict], str] | None = None
     """The line printed at the end, from the results."""
-    tune_cache: Callable[[list[float], list[float]], dict] | None = None
-    """Language models: score the cache pointer on the validation set for every (theta,
-    lambda) of the two lists from one forward pass; the best pair's test perplexity too
-    (``toolkit evaluate --tune-cache``)."""
-    generate: Callable[[int, float, int], str] | None = None
-    """Language models: the text of ``n`` tokens sampled at a temperature with a seed
-    (``toolkit evaluate --generate N``)."""
     model: tuple[Callable[..., nn.Module], dict] | None = None
     """The recipe's function that builds the model and its arguments (JSON values): a
     finished run writes both beside its weights (:func:`export_model`), and

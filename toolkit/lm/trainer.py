@@ -22,6 +22,9 @@ neural cache pointer.
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +33,7 @@ from torch import Tensor, nn
 from toolkit.lm.data import Batching, BPTTData, BPTTStream
 from toolkit.errors import UserError
 from toolkit.lm.cache_pointer import CachePointer
+from toolkit.lm.cache_pointer import grid as cache_grid
 from toolkit.lm.awd_lstm import AWDLanguageModel, repackage_hidden
 from toolkit.trainer import Trainer
 
@@ -97,6 +101,22 @@ class LanguageModel(nn.Module):
         return out
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """What a language model is scored on after training, besides its validation loss: the
+    ``valid`` and ``test`` streams at batch size 1 in ``bptt`` rows, with and without the
+    neural cache pointer of ``theta``, ``lam`` and ``window`` (the post's: 0.662, 0.1279,
+    3785, bptt 2000), and the ``vocab`` that decodes sampled text (``decode``, ``eos_id``)."""
+
+    valid: Tensor
+    test: Tensor
+    theta: float = 0.662
+    lam: float = 0.1279
+    window: int = 3785
+    bptt: int = 2000
+    vocab: Any = None
+
+
 class LMTrainer(Trainer):
     """:class:`~toolkit.trainer.Trainer` for BPTT language modelling.
 
@@ -112,16 +132,20 @@ class LMTrainer(Trainer):
     :class:`~toolkit.lm.data.BPTTStream`. ``lr_scale_seq_len``: salesforce AWD-LSTM
     scales each batch's lr by ``seq_len / bptt``; fastai 0.7's ``Stepper.step`` does not.
     The defaults are salesforce's; the post's runs used ``"fastai"`` and ``False``.
+
+    ``scoring``: what :meth:`cache_scores`, :meth:`tune_cache` and :meth:`generate` score
+    a trained model on (``toolkit evaluate --tune-cache`` and ``--generate``).
     """
 
     def __init__(self, model: LanguageModel, train_ids: Tensor, valid_ids: Tensor | None = None,
                  *, bptt: int = 70, eval_batch_size: int = 10, eval_bptt: int = 70,
-                 batching: Batching = "salesforce", lr_scale_seq_len: bool = True, **kwargs):
+                 batching: Batching = "salesforce", lr_scale_seq_len: bool = True,
+                 scoring: Scoring | None = None, **kwargs):
         train = BPTTData(train_ids, bptt, seed=kwargs["train"].seed, batching=batching)
         valid = None if valid_ids is None else BPTTData(
             valid_ids, eval_bptt, variable=False, batch_size=eval_batch_size)
         super().__init__(model, train, valid, **kwargs)
-        self.lr_scale_seq_len = lr_scale_seq_len
+        self.lr_scale_seq_len, self.scoring = lr_scale_seq_len, scoring
         self.hidden: dict[int, list] = {}  # per accumulation part
         self.eval_hidden = None
 
@@ -219,3 +243,56 @@ class LMTrainer(Trainer):
             kept.append((logp[:, 0].double(), output[:, 0].detach(), y[:, 0]))
         model.train()
         return kept
+
+    # ---- scoring a trained model (needs ``scoring``) ------------------------------------
+    def _scoring(self) -> Scoring:
+        if self.scoring is None:
+            raise UserError("this language model was built without its test stream and cache "
+                            "settings (LMTrainer(scoring=...))")
+        return self.scoring
+
+    def cache_scores(self) -> dict[str, float]:
+        """Perplexity at batch size 1 of the validation and test streams, without and with
+        the cache pointer; every rank computes the same numbers (see :meth:`score_stream`)."""
+        s = self._scoring()
+        pointer = CachePointer(s.theta, s.lam, s.window)
+        started, results = time.time(), {}
+        for split, ids in (("valid", s.valid), ("test", s.test)):
+            scores = self.score_stream(ids, s.bptt, cache=pointer)
+            results["test_ppl" if split == "test" else "valid_ppl_bs1"] = scores["ppl"]
+            results[f"{split}_cache_ppl"] = scores["cache_ppl"]
+        results["cache_eval_wall_time_s"] = round(time.time() - started, 2)
+        return results
+
+    def tune_cache(self, thetas: list[float], lambdas: list[float]) -> dict:
+        """The cache pointer's theta and lambda searched on the validation stream from one
+        recorded forward pass (:func:`~toolkit.lm.cache_pointer.grid`); the run's own pair
+        is always in the grid, so the best is never worse than it; the test perplexity of
+        the best and of the run's own pair."""
+        s = self._scoring()
+        thetas, lambdas = sorted({*thetas, s.theta}), sorted({*lambdas, s.lam})
+        started = time.time()
+        recorded = self.record_stream(s.valid, s.bptt)
+        forward_s, started = time.time() - started, time.time()
+        scores = cache_grid(recorded, thetas, lambdas, s.window)
+        grid_s = time.time() - started
+        best, default = min(scores, key=scores.get), (s.theta, s.lam)
+        on_test = self.record_stream(s.test, s.bptt)
+        test_of = {pair: cache_grid(on_test, [pair[0]], [pair[1]], s.window)[pair]
+                   for pair in {best, default}}
+
+        def row(pair: tuple[float, float]) -> dict:
+            return {"theta": pair[0], "lambda": pair[1], "valid_cache_ppl": scores.get(pair),
+                    "test_cache_ppl": test_of.get(pair)}
+
+        return {"tune_cache": {
+            "best": row(best), "default": row(default),
+            "grid": [row(p) for p in sorted(scores)], "pairs": len(scores),
+            "forward_pass_s": round(forward_s, 2), "grid_s": round(grid_s, 2),
+            "grid_over_forward": round(grid_s / forward_s, 2) if forward_s else None}}
+
+    def generate(self, n: int, temperature: float = 1.0, seed: int = 0) -> str:
+        """``n`` tokens sampled from the model after ``<eos>`` (:meth:`LanguageModel.sample`),
+        decoded to text."""
+        vocab = self._scoring().vocab
+        return vocab.decode(self.unwrapped().sample(vocab.eos_id, n, temperature, seed))
