@@ -1,7 +1,7 @@
 """CIFAR-10 augmentation and training throughput: the toolkit's against the usual way.
 
 1. Augmented images per second: the on-device batched pad-crop-flip of
-   :class:`toolkit.data.cifar.CifarAugment` through ``DeviceTensors`` against a torchvision
+   :class:`toolkit.data.cifar.PadCropFlip` through ``DeviceTensors`` against a torchvision
    ``transforms`` pipeline (the same pad 4, random crop 32, flip, normalize) in a
    ``DataLoader`` with 2 workers, on the same images, batch 256.
 2. Training images per second of the toolkit loop (``Trainer.optimizer_step`` over

@@ -41,10 +41,10 @@ from torch import nn
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
 from toolkit.data.cars import SIZE, SideOn, cars_data
-from toolkit.eval.tta import accuracy_line, tta_accuracy
+from toolkit.eval.tta import accuracy_line, tta_evaluation
 from toolkit.models.resnet import resnet50
 from toolkit.recipe import Run
-from toolkit.stages import head_first
+from toolkit.stages import check_head_first, head_first
 from toolkit.trainer import Trainer
 
 
@@ -84,10 +84,7 @@ class Config:
         if self.data_dir is None:
             raise ValueError("--data-dir is required: a Stanford Cars folder (torchvision's "
                              "StanfordCars layout or images with labels.csv)")
-        if self.freeze_epochs < 0:
-            raise ValueError(f"--freeze-epochs={self.freeze_epochs} must be >= 0")
-        if not self.freeze_lr > 0:
-            raise ValueError(f"--freeze-lr={self.freeze_lr} must be > 0")
+        check_head_first(self.freeze_epochs, self.freeze_lr)
         if self.size < 32:
             raise ValueError(f"--size={self.size} must be >= 32 (ResNet50 downsamples 32x)")
         if self.workers < 0:
@@ -125,10 +122,7 @@ def build(cfg: Config) -> Run:
     trainer = Trainer(model, train_set, test_set, train=cfg.train, stages=stages,
                       layer_groups=groups, recipe_config=to_dict(cfg))
 
-    def tta() -> dict:
-        return tta_accuracy(trainer, trainer.eval_data.eval_batches(), SideOn(),
-                            seed=cfg.train.seed, shift=cfg.size // 28)
-
+    tta = tta_evaluation(trainer, SideOn(), seed=cfg.train.seed, shift=cfg.size // 28)
     return Run(trainer, final_evaluation=tta if cfg.tta else None,
                model=(build_model, {"num_classes": len(classes)}),
                summary=accuracy_line)

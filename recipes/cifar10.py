@@ -42,7 +42,7 @@ from torch import nn
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
 from toolkit.data.cifar import device_data, load_cifar10
-from toolkit.eval.tta import accuracy_line, tta_accuracy
+from toolkit.eval.tta import accuracy_line, tta_evaluation
 from toolkit.models.resnet9 import ResNet9
 from toolkit.models.wrn import wrn_22
 from toolkit.recipe import Run
@@ -108,10 +108,7 @@ def build(cfg: Config) -> Run:
                       schedule=cfg.schedule, recipe_config=to_dict(cfg))
     augment = train_set.augment
 
-    def tta() -> dict:
-        return tta_accuracy(trainer, trainer.eval_data.eval_batches(), augment.crop_flip,
-                            seed=cfg.train.seed, shift=4)
-
+    tta = tta_evaluation(trainer, augment.crop_flip, seed=cfg.train.seed, shift=4)
     return Run(trainer, final_evaluation=tta if cfg.tta else None,
                model=(build_model, {"name": cfg.model, "width": cfg.width}),
                summary=accuracy_line)

@@ -33,12 +33,12 @@ from torch import nn
 
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
-from toolkit.data.cifar import CifarAugment
+from toolkit.data.cifar import PadCropFlip
 from toolkit.data.source import DeviceTensors
 from toolkit.errors import UserError
-from toolkit.eval.tta import accuracy_line, tta_accuracy
+from toolkit.eval.tta import accuracy_line, tta_evaluation
 from toolkit.recipe import Run
-from toolkit.stages import head_first
+from toolkit.stages import check_head_first, head_first
 from toolkit.trainer import Trainer
 
 
@@ -70,10 +70,7 @@ class Config:
     (``tta_fixed_accuracy``); no flips: a flipped digit is another digit."""
 
     def validate(self) -> None:
-        if self.freeze_epochs < 0:
-            raise ValueError(f"--freeze-epochs={self.freeze_epochs} must be >= 0")
-        if not self.freeze_lr > 0:
-            raise ValueError(f"--freeze-lr={self.freeze_lr} must be > 0")
+        check_head_first(self.freeze_epochs, self.freeze_lr)
         if self.width < 1:
             raise ValueError(f"--width={self.width} must be >= 1")
         if not 0 <= self.shift < 8:
@@ -93,7 +90,7 @@ PRESETS = {
 }
 
 
-def load_digits(data_dir: str | None, seed: int = 0, augment: CifarAugment | None = None
+def load_digits(data_dir: str | None, seed: int = 0, augment: PadCropFlip | None = None
                 ) -> tuple[DeviceTensors, DeviceTensors]:
     """Stratified 80/20 split (seed 0): 1,437 training and 360 test images, scaled to [0, 1];
     ``augment`` the training batches' ``augment(x, draw)``."""
@@ -134,9 +131,9 @@ def convnet(width: int, dropout: float) -> nn.Sequential:
 
 
 def build(cfg: Config) -> Run:
-    # Pixels are already in [0, 1]: CifarAugment's pad (reflected) and crop, no flip.
-    def crops(pad: int) -> CifarAugment:
-        return CifarAugment((0.0,), (1.0,), pad=pad, size=8, flip=False, pad_mode="reflect")
+    # Pixels are already in [0, 1]: PadCropFlip's pad (reflected) and crop, no flip.
+    def crops(pad: int) -> PadCropFlip:
+        return PadCropFlip((0.0,), (1.0,), pad=pad, size=8, flip=False, pad_mode="reflect")
 
     train_set, test_set = load_digits(cfg.data_dir, cfg.train.seed,
                                       crops(cfg.shift) if cfg.shift else None)
@@ -147,11 +144,8 @@ def build(cfg: Config) -> Run:
     trainer = Trainer(model, train_set, test_set, train=cfg.train, stages=stages,
                       layer_groups=groups, recipe_config=to_dict(cfg))
 
-    def tta() -> dict:
-        return tta_accuracy(trainer, trainer.eval_data.eval_batches(),
-                            crops(max(cfg.shift, 1)).crop_flip,
-                            seed=cfg.train.seed, shift=1, flip=False)
-
+    tta = tta_evaluation(trainer, crops(max(cfg.shift, 1)).crop_flip, seed=cfg.train.seed,
+                         shift=1, flip=False)
     return Run(trainer, final_evaluation=tta if cfg.tta else None,
                model=(convnet, {"width": cfg.width, "dropout": cfg.dropout}),
                summary=accuracy_line)

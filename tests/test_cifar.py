@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from toolkit.data.cifar import (
     CLASSES,
-    CifarAugment,
+    PadCropFlip,
     channel_stats,
     device_data,
     load_cifar10,
@@ -294,7 +294,7 @@ def test_augmentation_is_pad_crop_flip_normalize_for_known_draws(mode):
     u = [[0.0, 0.0, 0.9], [0.9999, 0.9999, 0.1], [0.5, 0.26, 0.5], [0.13, 0.74, 0.49],
          [0.3, 0.6, 0.0]]
     starts = [(0, 0, False), (7, 7, True), (4, 2, False), (1, 5, True), (2, 4, True)]
-    aug = CifarAugment(MEAN, STD, pad_mode=mode)
+    aug = PadCropFlip(MEAN, STD, pad_mode=mode)
     out, idx = aug((torch.from_numpy(imgs), torch.arange(5)), fixed(u))
     assert out.dtype == torch.float32 and out.shape == (5, 3, 32, 32)
     assert idx.tolist() == [0, 1, 2, 3, 4]
@@ -312,7 +312,7 @@ def test_crop_starts_fastai_draws_0_to_7_torchvision_0_to_8():
     u = torch.rand(4000, 3, generator=torch.Generator().manual_seed(0))
     u[0] = 1 - 2 ** -24  # the largest float32 below 1
     for offsets, positions in (("fastai", 8), ("all", 9)):
-        rows, cols = CifarAugment(MEAN, STD, offsets=offsets).crop_indices(u, 32, 32)
+        rows, cols = PadCropFlip(MEAN, STD, offsets=offsets).crop_indices(u, 32, 32)
         # Crop row 4 is padded row start + 4, inside the image: source row start + 4 - 4.
         starts = rows[:, 4]
         assert torch.equal(starts, (u[:, 0] * positions).long())
@@ -325,17 +325,17 @@ def test_constant_images_stay_constant_and_channels_last():
     x = torch.zeros(6, 3, 32, 32, dtype=torch.uint8)
     x[:, 0], x[:, 1], x[:, 2] = 10, 128, 250
     draw = Draw(7, 3, slice(0, 6), 6, CPU)
-    out, = CifarAugment(MEAN, STD, channels_last=True)((x,), draw)
+    out, = PadCropFlip(MEAN, STD, channels_last=True)((x,), draw)
     assert out.is_contiguous(memory_format=torch.channels_last)
     want = [(v / 255 - m) / s for v, m, s in zip((10, 128, 250), MEAN, STD)]
     assert torch.allclose(out, torch.tensor(want).view(1, 3, 1, 1).expand_as(out), atol=1e-6)
     with pytest.raises(ValueError, match="uint8"):
-        CifarAugment(MEAN, STD)((out,), draw)
+        PadCropFlip(MEAN, STD)((out,), draw)
 
 
 def test_augmentation_is_a_function_of_seed_and_step():
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    aug = CifarAugment(MEAN, STD)
+    aug = PadCropFlip(MEAN, STD)
 
     def run(seed, step):
         return aug((x,), Draw(seed, step, slice(0, 16), 16, CPU))[0]
@@ -348,7 +348,7 @@ N, BATCH, STEPS = 48, 12, 6
 
 def shard(world=1, rank=0, accum=1):
     x = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (N, 3, 32, 32), dtype=np.uint8))
-    data = DeviceTensors(x, torch.arange(N), seed=9, augment=CifarAugment(MEAN, STD))
+    data = DeviceTensors(x, torch.arange(N), seed=9, augment=PadCropFlip(MEAN, STD))
     return data.shard(batch_size=BATCH, world=world, rank=rank, accum=accum, device=CPU)
 
 

@@ -18,6 +18,13 @@ from toolkit.distributed import micro_batch
 from toolkit.errors import UserError
 
 
+def micro_part(a: int, world: int, rank: int) -> int:
+    """Which of the ``world * accum`` parts of a global batch rank ``rank`` takes at
+    accumulation step ``a``: the one split of a global batch, for examples and for a
+    language model's columns alike."""
+    return a * world + rank
+
+
 class GlobalBatchSampler:
     """Batch sampler yielding this rank's micro-batches, from any optimizer step on."""
 
@@ -46,23 +53,34 @@ class GlobalBatchSampler:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(self.num_examples, generator=gen)
 
+    def part(self, a: int) -> slice:
+        """The positions in a global batch that this rank takes at accumulation step ``a``:
+        micro-batch ``a * world + rank``."""
+        first = micro_part(a, self.world, self.rank) * self.micro
+        return slice(first, first + self.micro)
+
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order(self.epoch)
         for step in range(self.start, self.steps_per_epoch):
             batch = order[step * self.batch_size:(step + 1) * self.batch_size]
             for a in range(self.accum):
-                part = a * self.world + self.rank
-                yield batch[part * self.micro:(part + 1) * self.micro].tolist()
+                yield batch[self.part(a)].tolist()
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start) * self.accum
 
 
+def eval_shard(num_examples: int, world: int, rank: int) -> range:
+    """The examples rank ``rank`` evaluates: every ``world``-th from its rank, so that the
+    ranks together see each example exactly once (no padding)."""
+    return range(rank, num_examples, world)
+
+
 class ShardSampler:
-    """Evaluation order: every example exactly once over all ranks (strided, no padding)."""
+    """Evaluation order: :func:`eval_shard`'s examples in batches."""
 
     def __init__(self, num_examples: int, batch_size: int, *, world: int = 1, rank: int = 0):
-        self.indices = list(range(rank, num_examples, world))
+        self.indices = list(eval_shard(num_examples, world, rank))
         self.batch_size = max(1, batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:

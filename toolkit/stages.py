@@ -42,6 +42,15 @@ def head_first(epochs: int, optim: OptimConfig, schedule: ScheduleConfig, head: 
     return stages
 
 
+def check_head_first(freeze_epochs: int, freeze_lr: float) -> None:
+    """A recipe's ``--freeze-epochs``/``--freeze-lr`` (:func:`head_first`); a ValueError
+    that the config turns into one line."""
+    if freeze_epochs < 0:
+        raise ValueError(f"--freeze-epochs={freeze_epochs} must be >= 0")
+    if not freeze_lr > 0:
+        raise ValueError(f"--freeze-lr={freeze_lr} must be > 0")
+
+
 def check_stages(stages: list[Stage], layer_groups: int) -> None:
     """One line for a stage the run cannot take (before anything runs)."""
     first = stages[0].optim

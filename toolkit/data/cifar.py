@@ -15,7 +15,7 @@ Face ``uoft-cs/cifar10`` (``img`` PNGs and a ``label`` ClassLabel, splits train/
 50,000 training and 10,000 test images, ``[N, 3, 32, 32]`` uint8 in CHW order, in the
 official record order for the files. Nothing is cached: the gzipped set decodes in ~1 s.
 
-Augmentation, :class:`CifarAugment`, as fastai 0.7's ``tfms_from_stats(stats, 32,
+Augmentation, :class:`PadCropFlip`, as fastai 0.7's ``tfms_from_stats(stats, 32,
 aug_tfms=[RandomCrop(32), RandomFlip()], pad=4)`` that the post's ``train_cifar10.py`` used:
 pad 4 by reflection (cv2's ``BORDER_REFLECT``, edge pixel repeated), a random 32x32 crop,
 a horizontal flip with probability 1/2, then ``(x / 255 - mean) / std`` with the training
@@ -257,7 +257,7 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """``(images / 255 - mean) / std`` per channel, float32: the evaluation transform, and the
-    last step of :class:`CifarAugment` (fastai's order: scale to [0, 1], then normalize)."""
+    last step of :class:`PadCropFlip` (fastai's order: scale to [0, 1], then normalize)."""
     m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
     return (images.to(torch.float32) / 255 - m) / s
@@ -283,8 +283,9 @@ def padded_index(size: int, pad: int, mode: PadMode = "symmetric") -> torch.Tens
     return torch.where(r >= size, 2 * size - 1 - r - (1 - edge), r)
 
 
-class CifarAugment:
-    """The post's CIFAR-10 training transform on a micro-batch ``(images, *rest)`` of uint8
+class PadCropFlip:
+    """Pad, random crop, random flip: the post's CIFAR-10 training transform (digits crops
+    with it too, without the flip) on a micro-batch ``(images, *rest)`` of uint8
     ``[B, C, H, W]`` images, as ``DeviceTensors``' ``augment(batch, draw)``.
 
     One ``draw(3)`` gives each example its numbers ``(u_row, u_col, u_flip)``: the crop starts
@@ -348,7 +349,7 @@ class CifarAugment:
     def __call__(self, batch: tuple, draw: Draw) -> tuple:
         x, *rest = batch
         if x.dtype != torch.uint8 or x.dim() != 4:
-            raise ValueError(f"CifarAugment takes uint8 [B, C, H, W] images, got {x.dtype} "
+            raise ValueError(f"PadCropFlip takes uint8 [B, C, H, W] images, got {x.dtype} "
                              f"{tuple(x.shape)}")
         out = normalize(self.crop_flip(x, draw), self.mean, self.std)
         if self.channels_last:
@@ -359,11 +360,11 @@ class CifarAugment:
 def device_data(data: Cifar10, *, seed: int = 0, channels_last: bool = False,
                 **augment: object) -> tuple[DeviceTensors, DeviceTensors]:
     """Training and test sets for the trainer: the training images stay uint8 on the device
-    and are augmented per micro-batch (:class:`CifarAugment`, ``augment`` its options); the
+    and are augmented per micro-batch (:class:`PadCropFlip`, ``augment`` its options); the
     test images are normalized once, as float32 (123 MB; evaluation batches are never
     augmented, so they must come normalized). Both use the training set's statistics."""
     mean, std = channel_stats(data.train_x)
-    aug = CifarAugment(mean, std, channels_last=channels_last, **augment)
+    aug = PadCropFlip(mean, std, channels_last=channels_last, **augment)
     test_x = normalize(data.test_x, mean, std)
     if channels_last:
         test_x = test_x.contiguous(memory_format=torch.channels_last)

@@ -183,15 +183,14 @@ class DeviceTensors(_Sharded):
 
     def batches(self, step: int) -> Iterator[tuple]:
         s = self.sampler
-        per_epoch, size, micro = s.steps_per_epoch, s.batch_size, s.micro
+        per_epoch, size = s.steps_per_epoch, s.batch_size
         epoch, k = divmod(step, per_epoch)
         while True:
             order = s.order(epoch).to(self.device)
             for i in range(k, per_epoch):
                 batch = order[i * size:(i + 1) * size]
                 for a in range(self.accum):
-                    first = (a * self.world + self.rank) * micro
-                    part = slice(first, first + micro)
+                    part = s.part(a)
                     out = tuple(t[batch[part]] for t in self.tensors)
                     if self.augment is not None:
                         out = self.augment(out, Draw(self.seed, epoch * per_epoch + i, part,
@@ -200,6 +199,6 @@ class DeviceTensors(_Sharded):
             epoch, k = epoch + 1, 0
 
     def eval_batches(self) -> Iterator[tuple]:
-        mine = torch.arange(self.rank, self.num_examples, self.world, device=self.device)
+        mine = torch.tensor(self.eval_sampler.indices, device=self.device)
         for idx in mine.split(self.eval_sampler.batch_size):  # the eval sampler's order
             yield tuple(t[idx] for t in self.tensors)

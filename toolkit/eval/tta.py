@@ -29,6 +29,7 @@ The deterministic variant averages the image, its horizontal flip and its transl
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -37,6 +38,7 @@ from accelerate.utils import send_to_device
 
 from toolkit.data.source import mix_seed
 from toolkit.distributed import mean_of_sums
+from toolkit.sampler import eval_shard
 
 Augment = Callable[[torch.Tensor, Callable[..., torch.Tensor]], torch.Tensor]
 """``augment(x, draw)``: a batch of inputs, randomly changed with numbers from ``draw``."""
@@ -127,7 +129,8 @@ def tta_accuracy(trainer, eval_batches: Iterable, augment: Augment, n_aug: int =
     try:
         for batch in eval_batches:
             x, y = send_to_device(tuple(batch[:2]), acc.device)
-            indices = [rank + world * (seen + j) for j in range(len(y))]
+            # Each example's index in the whole set, whichever rank evaluates it.
+            indices = list(eval_shard(sys.maxsize, world, rank)[seen:seen + len(y)])
             out = tta_probs(model, x, indices, augment, n_aug, seed=seed, shift=shift,
                             flip=flip)
             for kind, name in names.items():
@@ -141,6 +144,14 @@ def tta_accuracy(trainer, eval_batches: Iterable, augment: Augment, n_aug: int =
     finally:
         model.train(was_training)
     return mean_of_sums(sums)
+
+
+def tta_evaluation(trainer, augment: Augment, *, seed: int, shift: int,
+                   flip: bool = True) -> Callable[[], dict[str, float]]:
+    """A recipe's final evaluation (:class:`~toolkit.recipe.Run`): :func:`tta_accuracy`
+    over ``trainer``'s evaluation data."""
+    return lambda: tta_accuracy(trainer, trainer.eval_data.eval_batches(), augment,
+                                seed=seed, shift=shift, flip=flip)
 
 
 def accuracy_line(results: dict) -> str:

@@ -34,6 +34,7 @@ import torch
 
 from toolkit.atomic import write_atomic
 from toolkit.distributed import micro_batch
+from toolkit.sampler import micro_part
 from toolkit.errors import UserError
 
 SPLITS = ("train", "valid", "test")
@@ -429,7 +430,8 @@ class BPTTData:
         view = copy.copy(self)
         columns = self.batch_size or batch_size
         view.streams = [BPTTStream(self.ids, columns, self.bptt, variable=self.variable,
-                                   world=world * accum, rank=a * world + rank, seed=self.seed,
+                                   world=world * accum, rank=micro_part(a, world, rank),
+                                   seed=self.seed,
                                    batching=self.batching) for a in range(accum)]
         for s in view.streams:
             s.data = s.data.to(device)

@@ -289,8 +289,8 @@ class ZeRO(Strategy):
 
     def __init__(self, name: str, user_config: dict | None = None):
         super().__init__(name, user_config)
-        self.stage, self.offload = int(name[4]), name.endswith("-offload")
-        self.layout = f"zero{self.stage}"
+        self.zero_stage, self.offload = int(name[4]), name.endswith("-offload")
+        self.layout = f"zero{self.zero_stage}"
 
     def prepare_env(self, world: int) -> None:
         if "WORLD_SIZE" not in os.environ:
@@ -310,7 +310,7 @@ class ZeRO(Strategy):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's ops and comm on CPU
 
     def accelerator_kwargs(self, *, micro_batch, grad_accum, world, clip, precision, freezes):
-        config = deepspeed_config(self.stage, self.offload, micro_batch=micro_batch,
+        config = deepspeed_config(self.zero_stage, self.offload, micro_batch=micro_batch,
                                   grad_accum=grad_accum, world=world, clip=clip,
                                   precision=precision, user=self.user_config)
         return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False),
