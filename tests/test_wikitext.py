@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit.data import wikitext as wt
+from toolkit.lm import data as wt
 from toolkit.lm.data import BPTTStream, Corpus, batchify, load_wikitext2
 from toolkit.errors import UserError
 
