@@ -71,51 +71,35 @@ def test_metrics_show_both_cycles(uninterrupted):
     assert [r["stage"] for r in evals] == [0, 0, 1, 1]
 
 
-def test_two_processes_zero2_take_the_stages_and_resume_exactly(tmp_path):
-    """DeepSpeed steps the frozen groups at lr 0: the same weights as DDP (both with 2
-    processes: dropout streams are per rank), the frozen layers unmoved through stage 1,
-    and a resume mid-stage-2 bitwise."""
-    zero2 = [*ARGS, "--strategy", "zero2"]
-    ddp, run, resumed = tmp_path / "ddp", tmp_path / "zero2", tmp_path / "resumed"
-    launch(DIGITS, ["--output-dir", str(ddp), *ARGS], launcher="torchrun")
-    proc = launch(DIGITS, ["--output-dir", str(run), *zero2], launcher="torchrun")
-    assert "DEEPSPEED (zero2)" in proc.stdout and "on 2 process(es)" in proc.stdout
+@pytest.fixture(scope="module")
+def ddp_two(tmp_path_factory) -> Path:
+    """The two-stage run with 2 processes under DDP (dropout streams are per rank)."""
+    run = tmp_path_factory.mktemp("stages") / "ddp"
+    launch(DIGITS, ["--output-dir", str(run), *ARGS], launcher="torchrun")
+    return run
+
+
+@pytest.mark.parametrize("name", ["zero2", "fsdp2"])
+def test_two_processes_take_the_stages_and_resume_exactly(name, ddp_two, tmp_path):
+    """DeepSpeed steps the frozen groups at lr 0, FSDP2 stops their gradients as DDP does:
+    the same weights as DDP with 2 processes, the frozen layers unmoved through stage 1, and
+    a resume mid-stage-2 and at the boundary (a fresh optimizer, saved as fresh) bitwise."""
+    args = [*ARGS, "--strategy", name]
+    run, resumed = tmp_path / name, tmp_path / "resumed"
+    proc = launch(DIGITS, ["--output-dir", str(run), *args], launcher="torchrun")
+    assert f"({name})" in proc.stdout and "on 2 process(es)" in proc.stdout
     early, boundary = weights(run, 11), weights(run, 2 * STEPS)
     for k in early:
         assert torch.equal(early[k], boundary[k]) != k.startswith("10."), k
     # Through stage 1 and into stage 2; later, sums in another order (DeepSpeed's flat
-    # buckets) grow from 1e-9 at step 44 to 1e-3 at step 88 (Adam on near-zero gradients).
+    # buckets, FSDP2's reduce-scatter) grow from 1e-9 at step 44 to 1e-3 at step 88 (Adam on
+    # near-zero gradients).
     for step in (2 * STEPS, 55):
-        a, b = weights(ddp, step), weights(run, step)
+        a, b = weights(ddp_two, step), weights(run, step)
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
-    launch(DIGITS, ["--output-dir", str(resumed), *zero2, "--resume",
-                    str(run / "checkpoints" / "step_55")], launcher="torchrun")
-    a, b = weights(run, 88), weights(resumed, 88)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def test_two_processes_fsdp2_take_the_stages_and_resume_exactly(tmp_path):
-    """FSDP2 freezes a group as DDP does (no gradients): the same weights as DDP with 2
-    processes, the frozen layers unmoved through stage 1, a resume mid-stage-2 bitwise."""
-    fsdp2 = [*ARGS, "--strategy", "fsdp2"]
-    ddp, run, resumed = tmp_path / "ddp", tmp_path / "fsdp2", tmp_path / "resumed"
-    launch(DIGITS, ["--output-dir", str(ddp), *ARGS], launcher="torchrun")
-    proc = launch(DIGITS, ["--output-dir", str(run), *fsdp2], launcher="torchrun")
-    assert "(fsdp2)" in proc.stdout and "on 2 process(es)" in proc.stdout
-    early, boundary = weights(run, 11), weights(run, 2 * STEPS)
-    for k in early:
-        assert torch.equal(early[k], boundary[k]) != k.startswith("10."), k
-    # Through stage 1 and into stage 2 (later, reduction-order noise grows under Adam as in
-    # the ZeRO-2 test above).
-    for step in (2 * STEPS, 55):
-        a, b = weights(ddp, step), weights(run, step)
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
-    # Mid-stage-2, and at the boundary (a fresh optimizer, saved and loaded as fresh).
     for step in (55, 2 * STEPS):
-        launch(DIGITS, ["--output-dir", str(resumed / str(step)), *fsdp2, "--resume",
+        launch(DIGITS, ["--output-dir", str(resumed / str(step)), *args, "--resume",
                         str(run / "checkpoints" / f"step_{step}")], launcher="torchrun")
         a, b = weights(run, 88), weights(resumed / str(step), 88)
         for k in a:
