@@ -1,6 +1,8 @@
-"""ZeRO on 2 CPU processes: step time and what each rank holds, for every strategy vs DDP.
+"""ZeRO and FSDP2 on 2 CPU processes: step time and what each rank holds, for every strategy
+vs DDP.
 
-For each strategy (ddp, zero1, zero2, zero3, zero2-offload, zero3-offload) and each
+For each strategy (ddp, zero1, zero2, zero3, zero2-offload, zero3-offload, fsdp2; and
+fsdp2-offload on a GPU) and each
 optimizer (AdamW, AMSGrad) this script launches itself under ``torchrun --nproc_per_node 2``
 as a worker. The worker trains an 8.67M-parameter residual MLP stack (4 pre-LayerNorm blocks
 of width 512, hidden 2048: large enough that the all-reduce and the optimizer step matter
@@ -9,7 +11,7 @@ next to forward and backward) through :class:`toolkit.trainer.Trainer`, times
 warm-up, and reports per rank: the median step time, the bytes of each optimizer state
 (:func:`toolkit.parallel.optimizer_state_bytes`), the model parameters it holds, the fp32
 master copy DeepSpeed keeps beside them, and its peak RSS. The parent prints one table with
-ratios to DDP from the same run and checks that ZeRO halves the optimizer states: each
+ratios to DDP from the same run and checks that ZeRO and FSDP2 halve the optimizer states: each
 rank's bytes of each state within 5% of the unsharded size / 2.
 
 Measured 2026-11-26 on 2 shared AMD EPYC cores (docs/benchmarks.md, "ZeRO on 2 CPU
@@ -17,7 +19,7 @@ processes"): every ZeRO stage holds exactly half of each state (AMSGrad's max_ex
 too) and trains to DDP's loss, at 1.7-3.2x DDP's step time; at this size DeepSpeed's
 buffers and fp32 master copy add more memory per rank than the sharding saves.
 
-    python bench/zero.py                          # ~7 min on 2 shared cores (12 launches)
+    python bench/zero.py                          # ~8 min on 2 shared cores (14 launches)
     python bench/zero.py --steps 30 --out docs/benchmarks.md   # also append the output there
 
 DeepSpeed's first CPU launch JIT-builds its shm comm op (~40 s, cached afterwards).
@@ -44,7 +46,10 @@ import torch
 from torch import nn
 
 from report import device_name, emit
-from toolkit.parallel import CONCRETE as STRATEGIES  # every strategy a run can have
+from toolkit.parallel import CONCRETE
+
+# Every strategy a run can have here (fsdp2-offload needs a GPU: refused on CPU in one line).
+STRATEGIES = [s for s in CONCRETE if torch.cuda.is_available() or s != "fsdp2-offload"]
 
 ROOT = Path(__file__).resolve().parents[1]
 D_IN, WIDTH, HIDDEN, BLOCKS, CLASSES = 512, 512, 2048, 4, 10
@@ -65,6 +70,10 @@ class Block(nn.Module):
 def build_model() -> nn.Module:
     return nn.Sequential(nn.Linear(D_IN, WIDTH), *(Block(WIDTH, HIDDEN) for _ in range(BLOCKS)),
                          nn.LayerNorm(WIDTH), nn.Linear(WIDTH, CLASSES))
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return getattr(t, "_local_tensor", t)  # a DTensor's own shard
 
 
 def rss_bytes() -> int:
@@ -108,15 +117,16 @@ def worker(args: argparse.Namespace) -> None:
     # shard is `ds_tensor`. The torch optimizer inside DeepSpeed steps flat fp32 partitions
     # that DeepSpeed 0.19.8 on CPU allocates as copies of the parameters (shards), at every
     # stage, even when the model itself is fp32; under DDP it steps the parameters.
+    # FSDP2's parameters are DTensors: this rank holds its `_local_tensor`.
     module = getattr(trainer.model, "module", trainer.model)
-    params = list(module.parameters())
+    params = [local(p) for p in module.parameters()]
     held = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size()
                for p in params)
     model_storages = {t.untyped_storage().data_ptr() for p in params
                       for t in (p, getattr(p, "ds_tensor", p)) if t.numel()}
     inner = strategy.torch_optimizer(trainer.optimizer)
     # The tensors the optimizer holds state for (ZeRO-3 empties param_groups between steps).
-    master = sum(q.numel() * q.element_size() for q in inner.state
+    master = sum(q.numel() * q.element_size() for q in map(local, inner.state)
                  if q.untyped_storage().data_ptr() not in model_storages)
     acc = trainer.accelerator
     result = {"rank": acc.process_index, "world": acc.num_processes,
@@ -254,8 +264,8 @@ def main() -> None:
                 f"{mb(r0['master_bytes'])} | "
                 f"{mb(max(x['peak_rss_bytes'] - x['rss_before_bytes'] for x in r))} | "
                 f"{statistics.mean(x['last_loss'] for x in r):.5f} |")
-            # The check: ZeRO halves every state on every rank; DDP holds all of each.
-            target = full / 2 if name.startswith("zero") else full
+            # The check: ZeRO and FSDP2 halve every state on every rank; DDP holds all of each.
+            target = full if name == "ddp" else full / 2
             worst = max(abs(x["state_bytes"].get(k, 0) - target) / target for x in r for k in keys)
             ok = worst <= 0.05 and all(set(x["state_bytes"]) == set(keys) for x in r)
             per_rank = "; ".join(f"rank {x['rank']} " + ", ".join(
@@ -265,7 +275,7 @@ def main() -> None:
                           f"{int(target):,} B per state ({per_rank})")
     lines += [""] + [f"- {n}" for n in notes] if notes else []
     lines += ["", "Check: each rank's bytes of each optimizer state within 5% of the "
-                  "unsharded size / 2 for ZeRO (equal to it for DDP):", ""]
+                  "unsharded size / 2 for ZeRO and FSDP2 (equal to it for DDP):", ""]
     lines += [f"- {c}" for c in checks]
     emit(lines, args.out)
 

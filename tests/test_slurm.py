@@ -1,5 +1,5 @@
 """The ``slurm/`` scripts on a real Slurm (two nodes on loopback, tests/slurm_cluster.py):
-a 2-process ZeRO-2 job, a job signalled as a preemption warns it (checkpoint, requeue,
+a 2-process ZeRO-2 job and an FSDP2 one, a job signalled as a preemption warns it (checkpoint, requeue,
 resume) that ends bitwise where an uninterrupted job does, a job array of the post's grid
 that a re-submission does not redo, a 2-node job equal to a 1-node one, and a node whose
 processes die: the other rank exits within a bounded time and a resubmission resumes."""
@@ -57,12 +57,13 @@ def one_node(slurm, tmp_path_factory) -> Path:
     return out
 
 
-def test_a_zero2_job_completes_with_its_outputs(slurm, tmp_path):
-    out = tmp_path / "zero2"
-    job = submit(slurm, TRAIN, out, ARGS=SHORT, STRATEGY="zero2")
+@pytest.mark.parametrize("name, kind", [("zero2", "DEEPSPEED"), ("fsdp2", "MULTI_CPU")])
+def test_a_sharded_job_completes_with_its_outputs(name, kind, slurm, tmp_path):
+    out = tmp_path / name
+    job = submit(slurm, TRAIN, out, ARGS=SHORT, STRATEGY=name)
     assert slurm.wait(job, 300) == ("COMPLETED", "0:0")
     log = Path(f"{out}.log").read_text()
-    assert "on 2 process(es), DEEPSPEED (zero2)" in log and "toolkit: finished" in log
+    assert f"on 2 process(es), {kind} ({name})" in log and "toolkit: finished" in log
     assert json.loads((out / "results.json").read_text())["step"] == 44
     assert (out / "config.json").is_file() and len(train_rows(out)) > 0
 
