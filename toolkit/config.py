@@ -21,7 +21,7 @@ import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import torch
 import tyro
@@ -102,8 +102,114 @@ class OptimConfig:
                                          impl=self.impl)
 
 
+def _share(name: str, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name}={value} must be in [0, 1]")
+
+
+def _over_1(name: str, value: float) -> None:
+    if not value >= 1:
+        raise ValueError(f"{name}={value} must be >= 1")
+
+
+@dataclass
+class FastaiShape:
+    """fastai v2's ``fit_one_cycle`` (``--schedule.shape fastai``)."""
+
+    div: float = 25.0
+    """Start at lr/div (fastai: 25)."""
+    div_final: float = 1e5
+    """End at lr/div_final (fastai: 1e5)."""
+    pct_start: float = 0.25
+    """Share of the run going up, by cosine (fastai: 0.25)."""
+    moms: tuple[float, float, float] = (0.95, 0.85, 0.95)
+    """beta1 (momentum) at the start, the peak and the end, by cosine (fastai: 0.95 0.85 0.95)."""
+
+    def validate(self) -> None:
+        _over_1("--schedule.fastai.div", self.div)
+        _over_1("--schedule.fastai.div-final", self.div_final)
+        _share("--schedule.fastai.pct-start", self.pct_start)
+        if not all(0 <= m < 1 for m in self.moms):
+            raise ValueError(f"--schedule.fastai.moms={self.moms} must be three values in [0, 1)")
+
+
+@dataclass
+class FlatCosShape:
+    """fastai v2's ``fit_flat_cos`` (``--schedule.shape flat-cos``): flat, then cosine down;
+    beta1 stays the optimizer's."""
+
+    pct_start: float = 0.75
+    """Share of the run at lr before the cosine (fastai: 0.75)."""
+    div_final: float = 1e5
+    """End at lr/div_final (fastai: 1e5)."""
+
+    def validate(self) -> None:
+        _share("--schedule.flat-cos.pct-start", self.pct_start)
+        _over_1("--schedule.flat-cos.div-final", self.div_final)
+
+
+@dataclass
+class TorchShape:
+    """torch's ``OneCycleLR`` (``--schedule.shape torch``), with its parameters' names and
+    defaults."""
+
+    pct_start: float = 0.3
+    """Share of the run going up (torch: 0.3)."""
+    div_factor: float = 25.0
+    """Start at max_lr/div_factor (torch: 25)."""
+    final_div_factor: float = 1e4
+    """End at max_lr/div_factor/final_div_factor (torch: 1e4)."""
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    """How each phase anneals (torch: cos)."""
+    three_phase: bool = False
+    """Up, down symmetrically, then annihilate (fastai 0.7's shape; torch: False)."""
+    base_momentum: float = 0.85
+    """beta1 (momentum) at the lr's peak (torch: 0.85)."""
+    max_momentum: float = 0.95
+    """beta1 (momentum) at the lr's low ends (torch: 0.95)."""
+
+    def validate(self) -> None:
+        _share("--schedule.pytorch.pct-start", self.pct_start)
+        if self.three_phase and not self.pct_start <= 0.5:
+            raise ValueError(f"--schedule.pytorch.pct-start={self.pct_start} must be <= 0.5 "
+                             "with --schedule.pytorch.three-phase (two phases of that share)")
+        _over_1("--schedule.pytorch.div-factor", self.div_factor)
+        _over_1("--schedule.pytorch.final-div-factor", self.final_div_factor)
+        if not 0 <= self.base_momentum <= self.max_momentum < 1:
+            raise ValueError(f"--schedule.pytorch momenta base {self.base_momentum}, max "
+                             f"{self.max_momentum} must satisfy 0 <= base <= max < 1")
+
+
+@dataclass
+class WSDShape:
+    """Warmup-stable-decay (``--schedule.shape wsd``, Hägele et al. 2024): linear warm-up
+    from 0, flat, a short cooldown; beta1 stays the optimizer's."""
+
+    warmup: float = 0.05
+    """Share of the run warming up linearly from 0."""
+    cooldown: float = 0.2
+    """Share of the run cooling down at its end (Hägele et al.: 20% matches cosine)."""
+    cooldown_kind: schedule_lib.WSDCooldown = "1-sqrt"
+    """linear, cosine or 1-sqrt (their best)."""
+    final_frac: float = 0.0
+    """lr at the very end as a fraction of lr."""
+
+    def validate(self) -> None:
+        _share("--schedule.wsd.warmup", self.warmup)
+        _share("--schedule.wsd.cooldown", self.cooldown)
+        if self.warmup + self.cooldown > 1:
+            raise ValueError(f"--schedule.wsd.warmup={self.warmup} and cooldown="
+                             f"{self.cooldown} add up to more than the run")
+        _share("--schedule.wsd.final-frac", self.final_frac)
+
+
 @dataclass
 class ScheduleConfig:
+    shape: schedule_lib.Shape = "post"
+    """post: the post's 1cycle (fastai 0.7; the fields below); fastai: fit_one_cycle; flat-cos:
+    fit_flat_cos; torch: OneCycleLR; wsd: warmup-stable-decay; constant. Each shape takes its
+    own section (--schedule.fastai.*, --schedule.flat-cos.*, --schedule.pytorch.*,
+    --schedule.wsd.*) with its source's defaults."""
     div: float = 10.0
     """The cycle starts and ends its linear part at lr/div (post: 10)."""
     pct: float = 0.1
@@ -117,16 +223,42 @@ class ScheduleConfig:
     final_frac: float | None = None
     """lr at the very end as a fraction of lr; default 1/(100*div)."""
     cycle_momentum: bool = True
-    """Cycle beta1/momentum inversely to the lr."""
+    """Cycle beta1/momentum inversely to the lr (shapes that cycle it: post, fastai, torch)."""
+    fastai: FastaiShape = dataclasses.field(default_factory=FastaiShape)
+    flat_cos: FlatCosShape = dataclasses.field(default_factory=FlatCosShape)
+    pytorch: TorchShape = dataclasses.field(default_factory=TorchShape)
+    wsd: WSDShape = dataclasses.field(default_factory=WSDShape)
 
     def validate(self) -> None:
         schedule_lib.check_one_cycle(self.div, self.pct, self.phases, self.moms, self.final_frac)
+        sections = {"fastai": "fastai", "flat_cos": "flat-cos", "pytorch": "torch", "wsd": "wsd"}
+        for name, shape in sections.items():
+            section = getattr(self, name)
+            if shape != self.shape and section != type(section)():
+                raise ValueError(f"--schedule.{name.replace('_', '-')}.* is set but "
+                                 f"--schedule.shape is {self.shape}; pass --schedule.shape "
+                                 f"{shape} or drop those flags")
+
+    def params(self) -> dict:
+        """The chosen shape's parameters, named as :mod:`toolkit.schedule` takes them."""
+        if self.shape == "fastai":
+            return dataclasses.asdict(self.fastai)
+        if self.shape == "flat-cos":
+            return dataclasses.asdict(self.flat_cos)
+        if self.shape == "torch":
+            return dataclasses.asdict(self.pytorch)
+        if self.shape == "wsd":
+            w = self.wsd
+            return {"warmup": w.warmup, "cooldown": w.cooldown, "kind": w.cooldown_kind,
+                    "final_frac": w.final_frac}
+        return {}
 
     def build(self, optimizer: torch.optim.Optimizer, total_steps: int) -> schedule_lib.OneCycle:
         return schedule_lib.OneCycle(optimizer, total_steps, div=self.div, pct=self.pct,
                                      phases=self.phases, moms=self.moms, lin_end=self.lin_end,
                                      final_frac=self.final_frac,
-                                     cycle_momentum=self.cycle_momentum)
+                                     cycle_momentum=self.cycle_momentum, shape=self.shape,
+                                     params=self.params())
 
 
 @dataclass

@@ -1,8 +1,17 @@
 """1cycle: the learning rate goes up then down while beta1 (or momentum) goes the other way.
 
-One pure function, :func:`one_cycle`, defines the shape from the training progress in
-[0, 1]; the scheduler, the plots and the LR finder all use it. Shapes, after the post
-(Gugger & Howard, 2018) and fastai 0.7's ``CircularLR_beta`` / ``TrainingPhase``:
+One pure function of the step, :func:`shape_values`, gives the lr factor and beta1 of every
+shape (``--schedule.shape``); the scheduler, the plots and the LR finder all read it:
+
+* ``post`` (:func:`one_cycle`, the default): the post's shapes, below;
+* ``fastai`` (:func:`fastai_one_cycle`): fastai v2's ``fit_one_cycle``, cosine up and down;
+* ``flat-cos`` (:func:`flat_cos`): fastai v2's ``fit_flat_cos``;
+* ``torch`` (:func:`torch_one_cycle`): torch's ``OneCycleLR``, two or three phases;
+* ``wsd`` (:func:`wsd`): warmup-stable-decay with a linear, cosine or 1-sqrt cooldown;
+* ``constant``.
+
+The post's shapes (Gugger & Howard, 2018), after fastai 0.7's ``CircularLR_beta`` /
+``TrainingPhase``:
 
 * 3 phases (``phases=None``): linear ``max_lr/div -> max_lr`` over ``(1-pct)/2`` of the
   budget, linear back to ``max_lr/div`` over the next ``(1-pct)/2``, then the final ``pct``
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -84,32 +94,147 @@ def one_cycle(
     raise AssertionError("unreachable")
 
 
-class OneCycle(LRScheduler):
-    """1cycle as a torch scheduler: call ``step()`` once per *optimizer* step.
+# ---- the 1cycle shapes users know today, as their sources compute them ----------------------
+def _sched_cos(start: float, end: float, pos: float) -> float:
+    """fastai v2's ``sched_cos`` (``callback/schedule.py``): half a cosine from ``start``
+    (pos 0) to ``end`` (pos 1)."""
+    return start + (1 + math.cos(math.pi * (1 - pos))) * (end - start) / 2
 
-    Writes ``lr`` (each group's initial lr times :func:`one_cycle`, so discriminative
+
+def _two_phases(pos: float, pct: float) -> tuple[int, float]:
+    """fastai's ``combine_scheds([pct, 1 - pct], ...)``: the phase and the position in it."""
+    if pos < pct:
+        return 0, pos / pct
+    return 1, (pos - pct) / (1 - pct)
+
+
+def fastai_one_cycle(pos: float, *, div: float = 25.0, div_final: float = 1e5,
+                     pct_start: float = 0.25, moms: Sequence[float] = (0.95, 0.85, 0.95)
+                     ) -> tuple[float, float]:
+    """fastai v2's ``fit_one_cycle``: ``(lr / lr_max, momentum)`` at ``pos = k / n_iter`` (the
+    position its ``ParamScheduler`` gives batch ``k``): cosine from ``lr_max/div`` up to
+    ``lr_max`` over ``pct_start``, cosine down to ``lr_max/div_final``; momentum by cosine
+    ``moms[0] -> moms[1] -> moms[2]``."""
+    phase, t = _two_phases(pos, pct_start)
+    if phase == 0:
+        return _sched_cos(1 / div, 1.0, t), _sched_cos(moms[0], moms[1], t)
+    return _sched_cos(1.0, 1 / div_final, t), _sched_cos(moms[1], moms[2], t)
+
+
+def flat_cos(pos: float, *, pct_start: float = 0.75, div_final: float = 1e5) -> float:
+    """fastai v2's ``fit_flat_cos``: ``lr / lr`` flat at 1 until ``pct_start``, then cosine to
+    ``1/div_final``; it leaves momentum alone."""
+    phase, t = _two_phases(pos, pct_start)
+    return 1.0 if phase == 0 else _sched_cos(1.0, 1 / div_final, t)
+
+
+def torch_one_cycle(step: int, total_steps: int, *, pct_start: float = 0.3,
+                    div_factor: float = 25.0, final_div_factor: float = 1e4,
+                    anneal_strategy: str = "cos", three_phase: bool = False,
+                    base_momentum: float = 0.85, max_momentum: float = 0.95
+                    ) -> tuple[float, float]:
+    """torch's ``OneCycleLR`` (``torch/optim/lr_scheduler.py``, ``get_lr``): ``(lr / max_lr,
+    momentum)`` for optimizer step ``step``. Its phases end at steps ``pct_start * total - 1``
+    (and ``2 * pct_start * total - 2`` with ``three_phase``) and ``total - 1``."""
+    initial = 1 / div_factor
+    low = initial / final_div_factor
+    if three_phase:
+        phases = ((float(pct_start * total_steps) - 1, initial, 1.0, max_momentum, base_momentum),
+                  (float(2 * pct_start * total_steps) - 2, 1.0, initial, base_momentum,
+                   max_momentum),
+                  (total_steps - 1, initial, low, max_momentum, max_momentum))
+    else:
+        phases = ((float(pct_start * total_steps) - 1, initial, 1.0, max_momentum, base_momentum),
+                  (total_steps - 1, 1.0, low, base_momentum, max_momentum))
+
+    def anneal(start: float, end: float, pct: float) -> float:
+        if anneal_strategy == "cos":
+            return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+        return (end - start) * pct + start
+
+    start_step = 0.0
+    for i, (end_step, lr0, lr1, m0, m1) in enumerate(phases):
+        if step <= end_step or i == len(phases) - 1:
+            pct = (step - start_step) / (end_step - start_step)
+            return anneal(lr0, lr1, pct), anneal(m0, m1, pct)
+        start_step = end_step
+    raise AssertionError("unreachable")
+
+
+WSDCooldown = Literal["linear", "cosine", "1-sqrt"]
+
+
+def wsd(pos: float, *, warmup: float = 0.05, cooldown: float = 0.2,
+        kind: WSDCooldown = "1-sqrt", final_frac: float = 0.0) -> float:
+    """Warmup-stable-decay (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training
+    Beyond Fixed Training Durations"): ``lr / lr`` linear from 0 over ``warmup``, flat at 1,
+    then over the last ``cooldown`` of the run down to ``final_frac``: linearly, by half a
+    cosine, or by ``1 - sqrt(t)`` (their best)."""
+    if pos < warmup:
+        return pos / warmup
+    if pos < 1 - cooldown or cooldown == 0:
+        return 1.0
+    t = min((pos - (1 - cooldown)) / cooldown, 1.0)
+    decay = {"linear": 1 - t, "cosine": (1 + math.cos(math.pi * t)) / 2,
+             "1-sqrt": 1 - math.sqrt(t)}[kind]
+    return final_frac + (1 - final_frac) * decay
+
+
+Shape = Literal["post", "fastai", "flat-cos", "torch", "wsd", "constant"]
+SHAPES: tuple[str, ...] = ("post", "fastai", "flat-cos", "torch", "wsd", "constant")
+
+
+def shape_values(shape: str, step: int, total_steps: int, params: dict
+                 ) -> tuple[float, float | None]:
+    """``(lr / max_lr, beta1)`` that optimizer step ``step`` (0-based) of ``total_steps``
+    takes under ``shape`` with its source's ``params``; beta1 is None for a shape that
+    leaves it alone (flat-cos, wsd, constant). The scheduler, the plots and the LR finder
+    all read the schedule here."""
+    pos = step / total_steps
+    if shape == "post":
+        return one_cycle(pos, **params)
+    if shape == "fastai":
+        return fastai_one_cycle(pos, **params)
+    if shape == "torch":
+        return torch_one_cycle(step, total_steps, **params)
+    if shape == "flat-cos":
+        return flat_cos(pos, **params), None
+    if shape == "wsd":
+        return wsd(pos, **params), None
+    return 1.0, None
+
+
+class OneCycle(LRScheduler):
+    """1cycle (or another shape of :data:`SHAPES`) as a torch scheduler: call ``step()``
+    once per *optimizer* step.
+
+    Writes ``lr`` (each group's initial lr times :func:`shape_values`, so discriminative
     learning rates keep their ratios) and ``betas[0]`` or ``momentum`` into every param
-    group of the optimizer it is given, DeepSpeed's wrapper included. Tensor-valued lr and
-    betas (the compiled step) are updated in place. Its ``state_dict`` holds the step.
+    group of the optimizer it is given, a strategy's wrapper included, where the shape
+    cycles it. Tensor-valued lr and betas (the compiled step) are updated in place. Its
+    ``state_dict`` holds the step. The keyword arguments are the post's shape; another
+    shape takes its source's ``params`` (:class:`toolkit.config.ScheduleConfig`).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, *,
                  div: float = 10.0, pct: float = 0.1, phases: Sequence[float] | None = None,
                  moms: Sequence[float] = (0.95, 0.85), lin_end: bool = True,
                  final_frac: float | None = None, cycle_momentum: bool = True,
-                 last_epoch: int = -1):
+                 shape: str = "post", params: dict | None = None, last_epoch: int = -1):
         if total_steps < 1:
             raise ValueError(f"total_steps={total_steps} must be >= 1")
         check_one_cycle(div, pct, phases, moms, final_frac)
-        self.total_steps = total_steps
+        self.total_steps, self.shape_name = total_steps, shape
         self.shape = dict(div=div, pct=pct, phases=None if phases is None else tuple(phases),
-                          moms=tuple(moms), lin_end=lin_end, final_frac=final_frac)
+                          moms=tuple(moms), lin_end=lin_end, final_frac=final_frac) \
+            if shape == "post" else dict(params or {})
         self.cycle_momentum = cycle_momentum
         super().__init__(optimizer, last_epoch)
 
-    def values(self, step: int) -> tuple[float, float]:
-        """``(lr factor, beta1)`` before optimizer step ``step`` (0-based)."""
-        return one_cycle(step / self.total_steps, **self.shape)
+    def values(self, step: int) -> tuple[float, float | None]:
+        """``(lr factor, beta1)`` before optimizer step ``step`` (0-based); beta1 None
+        where the shape leaves it alone."""
+        return shape_values(self.shape_name, step, self.total_steps, self.shape)
 
     def get_lr(self) -> list[float]:
         factor, _ = self.values(self.last_epoch)
@@ -136,8 +261,8 @@ class OneCycle(LRScheduler):
         self._write_beta1()
 
     def _write_beta1(self) -> None:
-        if self.cycle_momentum:
-            _, mom = self.values(self.last_epoch)
+        _, mom = self.values(self.last_epoch)
+        if self.cycle_momentum and mom is not None:
             for group in self.optimizer.param_groups:
                 set_beta1(group, mom)
 
