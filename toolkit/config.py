@@ -33,6 +33,7 @@ from toolkit.distributed import Precision
 from toolkit.errors import UserError
 from toolkit.optim import Impl, OptimizerName
 from toolkit.parallel import Strategy
+from toolkit.target import Target
 
 
 @dataclass
@@ -305,8 +306,17 @@ class TrainConfig:
     dist_timeout: float = 600.0
     """Seconds a collective waits for the other ranks before the run fails: how long the
     survivors of a dead node wait before they exit (a resume then goes on)."""
+    target: str | None = None
+    """METRIC=VALUE, e.g. valid_accuracy=0.94 or valid_ppl=70: results.json records the first
+    evaluation that reaches it (step, epoch, training seconds), the post's time to target."""
+    stop_at_target: bool = False
+    """End the run at the first evaluation that reaches --target (DAWNBench's rule)."""
 
     def validate(self) -> None:
+        if self.target is not None:
+            Target.parse(self.target)
+        if self.stop_at_target and self.target is None:
+            raise ValueError("--stop-at-target needs --target METRIC=VALUE")
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs} must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:

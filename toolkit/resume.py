@@ -55,6 +55,8 @@ def start(trainer) -> None:
         state = checkpoint.load(trainer.parallel, path)
         trainer.step, trainer._saved = state["step"], (state["step"], path)
         trainer.load_extra_state(state.get("extra", {}))
+        if "clock" in state:  # checkpoints from before the clock: no seconds to add
+            trainer.clock.load_state_dict(state["clock"])
         if state["total_steps"] != trainer.total_steps:
             raise UserError(f"checkpoint {path} belongs to a run of {state['total_steps']} "
                             f"steps, this one has {trainer.total_steps}: resume with the same "
@@ -84,7 +86,8 @@ def save(trainer) -> Path:
     if trainer._saved is None or trainer._saved[0] != trainer.step:
         path = checkpoint.save(trainer.parallel, trainer.folder.checkpoints, trainer.step,
                                {"step": trainer.step, "total_steps": trainer.total_steps,
-                                "extra": trainer.extra_state()},
+                                "extra": trainer.extra_state(),
+                                "clock": trainer.clock.state_dict()},
                                trainer.train_cfg.keep_checkpoints)
         trainer._saved = (trainer.step, path)
     return trainer._saved[1]

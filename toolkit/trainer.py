@@ -45,6 +45,7 @@ from toolkit.errors import UserError
 from toolkit.run_folder import RunFolder
 from toolkit.schedule import beta1_of
 from toolkit.stages import Stage, check_stages, stage_at, stage_ends
+from toolkit.target import Clock, Target
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -110,6 +111,8 @@ class Trainer:
         self.stage, self.step = -1, 0
         self.enter_stage(0)
         acc.register_for_checkpointing(_CurrentSchedule(self))
+        self.clock = Clock(Target.parse(train.target) if train.target else None,
+                           train.stop_at_target)
         self._stop_signal: int | None = None
         self._claimed, self._lock, self._saved = False, None, None
 
@@ -222,6 +225,7 @@ class Trainer:
         ``wall_time_s`` and the last train and eval metrics."""
         cfg = self.train_cfg
         resume.start(self)
+        self.clock.start()
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         started, self.metrics, it = time.time(), {}, self.train_data.batches(self.step)
         self._bar = tqdm(total=self.total_steps, initial=self.step, desc="train",
@@ -230,7 +234,7 @@ class Trainer:
         self._logged = torch.zeros(2, dtype=torch.float64)
         self.model.train()
         try:
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and not self.clock.stopped:
                 schedule = {"stage": self.stage, **self.lr_and_beta1()}
                 stop = self.train_one_step(it, schedule)
                 if stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
@@ -249,7 +253,7 @@ class Trainer:
         path = resume.save(self)
         return {"stopped": False, "step": self.step, "epochs": round(self.epoch_at(self.step), 4),
                 "wall_time_s": round(time.time() - started, 2), "checkpoint": str(path),
-                **self.metrics}
+                **self.clock.result(), **self.metrics}
 
     def train_one_step(self, it, schedule: dict) -> str | None:
         """One optimizer step, then its logging and evaluation when due; the name of a stop
@@ -279,6 +283,7 @@ class Trainer:
                else self.epoch_at(self.step).is_integer())
         if (due or last) and (evaluated := self.evaluate()):
             self.metrics.update(evaluated)
+            self.clock.check(evaluated, self.step, epoch)
             self.log({"step": self.step, "stage": schedule["stage"], "epoch": epoch, **evaluated})
             if self.is_main:
                 self._bar.write(f"step {self.step}: " + " ".join(

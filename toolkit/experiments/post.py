@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from toolkit.target import higher_is_better  # noqa: F401  (report and wd-find use it)
+
 OPTIMIZERS = {"adam": "Adam-L2", "adamw": "AdamW"}
 """``optim.name`` -> the post's name; a sweep names its folders after them in lower case."""
 MAIN_METRICS = ("valid_accuracy", "valid_ppl", "valid_loss")
@@ -25,7 +27,3 @@ def default_metric(keys: Iterable[str]) -> str | None:
     """The first of :data:`MAIN_METRICS` among ``keys``; None when there is none."""
     keys = set(keys)
     return next((m for m in MAIN_METRICS if m in keys), None)
-
-
-def higher_is_better(metric: str) -> bool:
-    return "accuracy" in metric  # losses, perplexities and times fall

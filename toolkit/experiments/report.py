@@ -223,6 +223,30 @@ def runs_table(groups: dict[TableCell, list[RunDir]], key: str, wall_time: bool 
     return header, rows
 
 
+def targets(runs: list[RunDir]) -> dict[str, float]:
+    """The targets the finished runs were given (``--target``): metric -> value."""
+    return {t["metric"]: t["value"] for r in runs if r.results and (t := r.results.get("target"))}
+
+
+def target_table(groups: dict[TableCell, list[RunDir]]) -> tuple[list[str], list[list[str]]]:
+    """Time to target, the post's measure: per cell, how many finished runs reached their
+    target, and the epochs and training seconds it took those that did."""
+    header = ["cell", "target", "reached", "epochs to target", "seconds to target"]
+    rows = []
+    for cell, runs in groups.items():
+        got = [r.results["target"] for r in runs if r.status == FINISHED
+               and "target" in (r.results or {})]
+        if not got:
+            continue
+        hit = [t for t in got if t["reached"]]
+        aims = sorted({f"{t['metric']} {'>=' if higher_is_better(t['metric']) else '<='} "
+                       f"{t['value']:g}" for t in got})
+        rows.append([cell.label, "; ".join(aims), f"{len(hit)} of {len(got)}",
+                     mean_std([t["epoch"] for t in hit]),
+                     mean_std([t["train_seconds"] for t in hit])])
+    return header, rows
+
+
 def series(runs: list[RunDir], key: str) -> Series:
     """What the plots draw: per cell label, each run's (name, steps, values) of ``key`` in
     metrics.jsonl, finished or not."""
@@ -231,8 +255,10 @@ def series(runs: list[RunDir], key: str) -> Series:
             for c, rs in cells(runs).items()}
 
 
-def plot_series(path: Path, panels: list[tuple[str, Series]], markers: bool = False) -> Path:
-    """One panel per (title, series): every run a thin line in its cell's colour."""
+def plot_series(path: Path, panels: list[tuple[str, Series]], markers: bool = False,
+                target: float | None = None) -> Path:
+    """One panel per (title, series): every run a thin line in its cell's colour; a dashed
+    line at ``target`` (``--target``'s value) on the first panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,6 +270,8 @@ def plot_series(path: Path, panels: list[tuple[str, Series]], markers: bool = Fa
             for j, (_, steps, values) in enumerate(lines):
                 ax.plot(steps, values, "o-" if markers else "-", ms=3, lw=1, alpha=0.8,
                         color=f"C{i % 10}", label=label if j == 0 else None)
+        if target is not None and ax is axes[0][0]:
+            ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target:g}")
         ax.set(title=title, xlabel="step")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -293,8 +321,10 @@ def result_blocks(runs: list[RunDir], key: str | None, wall_time: bool = True) -
         done = [r.results for rs in part.values() for r in rs if r.results]
         for k in [key] + [m for m in EXTRA_METRICS if m != key and any(m in d for d in done)]:
             blocks += [("h3", k), ("table", post_table(part, k))]
-        blocks += [("h3", "Runs"), ("table", runs_table(part, key, wall_time)),
-                   ("ul", _unfinished(part))]
+        blocks += [("h3", "Runs"), ("table", runs_table(part, key, wall_time))]
+        if (reach := target_table(part))[1]:
+            blocks += [("h3", "Time to target"), ("table", reach)]
+        blocks.append(("ul", _unfinished(part)))
     return blocks
 
 
@@ -310,11 +340,13 @@ def curve_blocks(runs: list[RunDir], key: str | None, out: Path) -> Blocks:
                                  ("beta1 / momentum", mom)], False,
                 "lr and beta1 of one run per cell")]
     blocks: Blocks = [("h2", "Curves")]
+    target = targets(runs).get(key)
     for name, panels, markers, alt in figures:
         # A metric only results.json has (tta_accuracy) has no curve to draw.
         if all(any(steps for lines in data.values() for _, steps, _ in lines)
                for _, data in panels):
-            blocks.append(("img", (plot_series(out / name, panels, markers).name, alt)))
+            line = target if name == "valid_metric.png" else None
+            blocks.append(("img", (plot_series(out / name, panels, markers, line).name, alt)))
     return blocks
 
 
