@@ -56,3 +56,19 @@ def test_digits_mixed_precision_on_gpu(precision, tmp_path):
     assert "cuda" in proc.stdout and results["valid_accuracy"] >= 0.96, proc.stdout
     if precision == "fp16":  # the loss scaler is saved with the checkpoint
         assert (tmp_path / "checkpoints" / f"step_{results['step']}" / "scaler.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "fsdp2-offload"])
+def test_digits_fsdp2_bf16_on_gpu_resumes_on_one_process(name, tmp_path):
+    """FSDP2 on CUDA (offload: parameters and states in CPU RAM), bf16, AMSGrad: it learns,
+    and its checkpoint resumes in one process to the same end as the uninterrupted run."""
+    args = ["--strategy", name, "--precision", "bf16", "--optim.amsgrad", "--no-progress",
+            "--checkpoint-every", "20", "--keep-checkpoints", "20"]
+    run = tmp_path / "run"
+    proc = launch(DIGITS, ["--output-dir", str(run), *args], timeout=600)
+    results = json.loads((run / "results.json").read_text())
+    assert f"({name})" in proc.stdout and results["valid_accuracy"] >= 0.9, proc.stdout
+    launch(DIGITS, ["--output-dir", str(tmp_path / "resumed"), *args, "--resume",
+                    str(run / "checkpoints" / "step_100")], timeout=600)
+    again = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert again["valid_accuracy"] == pytest.approx(results["valid_accuracy"], abs=0.01)
