@@ -41,7 +41,7 @@ from torch import nn
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
 from toolkit.data.cars import SIZE, SideOn, cars_data
-from toolkit.eval.tta import accuracy_line, tta_evaluation
+from toolkit.tta import accuracy_line, tta_evaluation
 from toolkit.models.resnet import resnet50
 from toolkit.recipe import Run
 from toolkit.stages import check_head_first, head_first

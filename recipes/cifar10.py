@@ -42,7 +42,7 @@ from torch import nn
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
 from toolkit.data.cifar import device_data, load_cifar10
-from toolkit.eval.tta import accuracy_line, tta_evaluation
+from toolkit.tta import accuracy_line, tta_evaluation
 from toolkit.models.resnet9 import ResNet9
 from toolkit.models.wrn import wrn_22
 from toolkit.recipe import Run

@@ -36,7 +36,7 @@ from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_d
 from toolkit.data.cifar import PadCropFlip
 from toolkit.data.source import DeviceTensors
 from toolkit.errors import UserError
-from toolkit.eval.tta import accuracy_line, tta_evaluation
+from toolkit.tta import accuracy_line, tta_evaluation
 from toolkit.recipe import Run
 from toolkit.stages import check_head_first, head_first
 from toolkit.trainer import Trainer

@@ -26,7 +26,7 @@ from toolkit.data.cars import (
 )
 from toolkit.data.source import Loader
 from toolkit.errors import UserError
-from toolkit.eval.tta import ExampleDraw
+from toolkit.tta import ExampleDraw
 
 from cars_sample import CLASSES, SIZES, annotations, devkit_layout, write_image
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from toolkit.eval.tta import ExampleDraw, flip_shift_views, tta_accuracy, tta_probs
+from toolkit.tta import ExampleDraw, flip_shift_views, tta_accuracy, tta_probs
 
 N, SHAPE, CLASSES = 37, (3, 12, 12), 5
 

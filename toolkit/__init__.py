@@ -8,7 +8,7 @@ checks it):
 - **Parts**: :mod:`~toolkit.config` (the flags), :mod:`~toolkit.optim` (Adam-L2, AdamW,
   AMSGrad, SGD: torch's kernels), :mod:`~toolkit.schedule` (1cycle as a pure function of
   progress), :mod:`~toolkit.sampler` and :mod:`toolkit.data` (the data order, a function of
-  the step), :mod:`~toolkit.batchnorm`, :mod:`toolkit.models`, :mod:`toolkit.eval` (TTA).
+  the step), :mod:`~toolkit.batchnorm`, :mod:`toolkit.models`, :mod:`~toolkit.tta`.
 - **Parallel**: :mod:`toolkit.parallel`, one :class:`~toolkit.parallel.base.Strategy` per
   way of spreading a step over processes (``ddp``, ``zero``: DeepSpeed, ``fsdp2``), with
   :mod:`~toolkit.distributed` (process group, world-size check, collectives) and

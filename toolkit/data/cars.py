@@ -221,7 +221,7 @@ class SideOn:
     All its randomness is :data:`UNIFORMS` numbers in [0, 1) per example, given by the
     caller: :meth:`image` for one decoded image (in a DataLoader worker), and calling the
     object, ``augment(x, draw)``, for a batch of normalized images on the device (test-time
-    augmentation, :mod:`toolkit.eval.tta`)."""
+    augmentation, :mod:`toolkit.tta`)."""
 
     max_zoom: float = 1.05
     p_zoom: float = 0.75
