@@ -8,15 +8,14 @@ config, and one-line refusals."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
 import yaml
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
 
-from conftest import ROOT, TINY, command, dumps, env, launch
-from test_resume import kill_all, run_processes, wait_for
+from conftest import ROOT, TINY, dumps, launch
+from test_resume import kill_after
 from toolkit import checkpoint
 from toolkit.atomic import write_atomic
 from toolkit.experiments.memory import estimate
@@ -78,6 +77,23 @@ def test_batchnorm_under_sync_batchnorm_equals_one_process(tmp_path):
               launcher="torchrun")
     assert any("running_mean" in k for k in one["params"])
     assert_close(two[0]["params"], one["params"])
+
+
+def test_batchnorm_without_sync_is_ddps_rank_0_statistics(tmp_path):
+    """Without --sync-batchnorm each rank normalizes its own micro-batch and the running
+    statistics are rank 0's, under FSDP2 as under DDP (which broadcasts them at each
+    forward): the same weights and buffers, on every rank, in the checkpoint too."""
+    every = ["--batchnorm", "--checkpoint-every", "10"]
+    ddp = run(tmp_path, "ddp", every, launcher="torchrun")
+    fsdp2 = run(tmp_path, "fsdp2", [*every, "--strategy", "fsdp2"], launcher="torchrun")
+    assert_close(fsdp2[0]["params"], ddp[0]["params"])
+    # Each rank evaluates with rank 0's statistics (rank 1's own would score otherwise).
+    for key in ("valid_loss", "valid_accuracy"):
+        assert fsdp2[0]["result"][key] == pytest.approx(ddp[0]["result"][key], rel=1e-5)
+    saved = read_whole(tmp_path / "fsdp2" / "checkpoints" / "step_10", "model.")
+    want = checkpoint.weights(tmp_path / "ddp" / "checkpoints" / "step_10")
+    assert any("running_var" in k for k in saved)
+    assert_close(saved, want)
 
 
 def test_bf16_two_processes_equal_one(tmp_path):
@@ -153,16 +169,7 @@ def test_killed_then_resumed_equals_uninterrupted(tmp_path):
             "--checkpoint-every", "1", "--keep-checkpoints", "3"]
     ref = run(tmp_path, "ref", args, launcher="torchrun")
     out = tmp_path / "run"
-    proc = subprocess.Popen(command(TINY, [*args, "--output-dir", str(out), "--step-sleep", "0.4"],
-                                    "torchrun"), cwd=ROOT, env=env(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(out / "checkpoints" / "step_14" / "COMMITTED", proc)
-    procs = run_processes(proc)
-    assert len(procs) == 3
-    kill_all(procs)
-    proc.wait()
-    proc.stdout.close()
-    proc.stderr.close()
+    kill_after(out, args, "torchrun", 14)
     resumed = launch(TINY, [*args, "--output-dir", str(out), "--resume", "auto", "--dump",
                             str(tmp_path / "dump")], launcher="torchrun")
     assert "resumed from" in resumed.stdout

@@ -74,6 +74,22 @@ def kill_all(procs: list[psutil.Process]) -> None:
     assert not alive, f"still alive after SIGKILL: {alive}"
 
 
+def kill_after(run: Path, args: list[str], launcher: str, step: int) -> None:
+    """Start ``tiny`` with ``args`` slowed down (0.4 s a step), SIGKILL every process of it
+    once checkpoint ``step`` is committed, and assert that none is left."""
+    proc = subprocess.Popen(command(TINY, [*args, "--output-dir", str(run), "--step-sleep",
+                                           "0.4"], launcher), cwd=ROOT, env=env(),
+                            start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(run / "checkpoints" / f"step_{step}" / "COMMITTED", proc)
+    procs = run_processes(proc)
+    assert len(procs) == (3 if launcher == "torchrun" else 1)
+    kill_all(procs)
+    proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+
+
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])
 def test_kill_mid_epoch_and_resume_is_exact(launcher, tmp_path):
     ref = reference(tmp_path, launcher)

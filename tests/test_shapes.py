@@ -164,11 +164,18 @@ def digits_presets():
     (["--schedule.shape", "torch", "--schedule.pytorch.three-phase",
       "--schedule.pytorch.pct-start", "0.6"], "<= 0.5"),
     (["--schedule.shape", "cosine"], "cosine"),
+    (["--schedule.shape", "torch", "--schedule.pytorch.pct-start", "1.0"], "in (0, 1)"),
 ])
 def test_bad_shape_flags_are_one_line(args, says):
     with pytest.raises(UserError) as e:
         parse(digits_presets(), args)
     assert says in str(e.value) and "\n" not in str(e.value).strip()
+
+
+def test_a_torch_phase_without_a_step_is_one_line():
+    # pct_start x steps = 1: torch's own OneCycleLR divides by zero there.
+    with pytest.raises(UserError, match="leaves a phase without a step"):
+        ours("torch", 10, pct_start=0.1)
 
 
 def test_each_section_defaults_are_its_sources():

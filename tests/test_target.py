@@ -69,6 +69,16 @@ def test_a_resumed_run_reports_the_same_step_and_sums_its_seconds(whole, when, t
         assert t["train_seconds"] == results(whole)["target"]["train_seconds"]
 
 
+def test_a_resume_with_another_target_looks_for_its_own(whole, tmp_path):
+    hit = results(whole)["target"]["step"]
+    run = tmp_path / "other"
+    launch(TINY, ["--output-dir", str(run), "--eval-every", "2", "--target",
+                  "valid_accuracy=0.62", "--resume", str(whole / "checkpoints" / f"step_{hit + 1}")])
+    t = results(run)["target"]
+    first = next(r for r in evals(whole) if r["valid_accuracy"] >= 0.62)
+    assert t["value"] == 0.62 and t["step"] == first["step"] > hit
+
+
 def test_a_target_never_reached_says_so(tmp_path):
     run = tmp_path / "never"
     launch(TINY, ["--output-dir", str(run), "--target", "valid_loss=0.01", "--stop-at-target"])

@@ -25,6 +25,8 @@ built from the original model still refer to the converted one.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -32,6 +34,30 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 _CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@torch.no_grad()
+def recompute_statistics(model: nn.Module, inputs: Iterable[torch.Tensor]) -> bool:
+    """Every BatchNorm's running statistics recomputed from scratch as the plain mean over
+    the batches ``inputs`` in training mode (torch's ``swa_utils.update_bn``; what
+    schedule-free training documents for its averaged weights); the RNG is left as it was.
+    False when the model has no BatchNorm (nothing to do)."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not norms:
+        return False
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+    was_training = model.training
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        for x in inputs:
+            model(x)
+    model.train(was_training)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return True
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -39,7 +39,8 @@ from toolkit.target import Target
 @dataclass
 class OptimConfig:
     name: OptimizerName = "adamw"
-    """adamw: decoupled weight decay (p -= lr*wd*p); adam: L2 (g += wd*p); sgd: momentum + L2."""
+    """adamw: decoupled weight decay (p -= lr*wd*p); adam: L2 (g += wd*p); sgd: momentum + L2;
+    schedulefree-adamw: schedule-free AdamW (Defazio et al. 2024; --schedule.shape constant)."""
     lr: float = 3e-3
     """Maximum learning rate of the cycle (pick it with --lr-find)."""
     betas: tuple[float, float] = (0.95, 0.99)
@@ -60,11 +61,16 @@ class OptimConfig:
     """Discriminative learning rates over the model's layer groups, e.g. (1/9, 1/3, 1)."""
     impl: Impl = "auto"
     """Kernel: auto = fastest correct for the device (fused); compiled = torch.compile'd step."""
+    warmup_steps: int = 0
+    """schedulefree-adamw's own linear warm-up, in optimizer steps (its schedule)."""
 
     def validate(self) -> None:
         optim_lib.check_hparams(name=self.name, lr=self.lr, betas=self.betas, eps=self.eps,
                                 weight_decay=self.wd, impl=self.impl, momentum=self.momentum,
-                                nesterov=self.nesterov)
+                                nesterov=self.nesterov, amsgrad=self.amsgrad)
+        if self.warmup_steps < 0 or (self.warmup_steps and self.name != "schedulefree-adamw"):
+            raise ValueError(f"--optim.warmup-steps={self.warmup_steps} must be >= 0, and is "
+                             "schedulefree-adamw's (the other optimizers follow --schedule)")
         if self.lr_mults is not None and not (self.lr_mults and all(m > 0 for m in self.lr_mults)):
             raise ValueError(f"--optim.lr-mults={self.lr_mults} must be one value > 0 per layer "
                              "group")
@@ -100,7 +106,7 @@ class OptimConfig:
         return optim_lib.build_optimizer(groups, self.name, self.lr, betas=self.betas, eps=self.eps,
                                          weight_decay=self.wd, amsgrad=self.amsgrad,
                                          momentum=self.momentum, nesterov=self.nesterov,
-                                         impl=self.impl)
+                                         impl=self.impl, warmup_steps=self.warmup_steps)
 
 
 def _share(name: str, value: float) -> None:
@@ -170,7 +176,8 @@ class TorchShape:
     """beta1 (momentum) at the lr's low ends (torch: 0.95)."""
 
     def validate(self) -> None:
-        _share("--schedule.pytorch.pct-start", self.pct_start)
+        if not 0 < self.pct_start < 1:
+            raise ValueError(f"--schedule.pytorch.pct-start={self.pct_start} must be in (0, 1)")
         if self.three_phase and not self.pct_start <= 0.5:
             raise ValueError(f"--schedule.pytorch.pct-start={self.pct_start} must be <= 0.5 "
                              "with --schedule.pytorch.three-phase (two phases of that share)")

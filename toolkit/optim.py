@@ -16,6 +16,7 @@ held as tensors, so 1cycle changing them every step never recompiles.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 from collections.abc import Iterable, Sequence
@@ -24,7 +25,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-OptimizerName = Literal["adamw", "adam", "sgd"]
+OptimizerName = Literal["adamw", "adam", "sgd", "schedulefree-adamw"]
 Impl = Literal["auto", "fused", "foreach", "forloop", "compiled"]
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 IMPLS: tuple[str, ...] = get_args(Impl)
@@ -113,22 +114,36 @@ def build_optimizer(
     momentum: float = 0.9,
     nesterov: bool = False,
     impl: Impl = "auto",
+    warmup_steps: int = 0,
 ) -> torch.optim.Optimizer:
     """Build ``name`` over ``params`` (tensors or groups from :func:`param_groups`).
 
     ``adamw``: decoupled decay ``p -= lr * wd * p`` (``torch.optim.AdamW``).
     ``adam``: L2, ``g += wd * p`` (``torch.optim.Adam``). ``sgd``: SGD with momentum
-    (Nesterov optional) and L2, the post's baseline. A group's ``lr_mult`` scales ``lr``.
+    (Nesterov optional) and L2, the post's baseline. ``schedulefree-adamw``: the
+    ``schedulefree`` package's ``AdamWScheduleFree`` (Defazio et al. 2024; decoupled decay,
+    its own linear warm-up of ``warmup_steps``, no schedule: a constant lr), returned in
+    train mode (:func:`averaged_weights` switches it). A group's ``lr_mult`` scales ``lr``.
     Defaults are the post's: betas (0.95, 0.99) at the start of 1cycle, eps 1e-8.
     """
     check_hparams(name=name, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, impl=impl,
-                  momentum=momentum, nesterov=nesterov)
+                  momentum=momentum, nesterov=nesterov, amsgrad=amsgrad)
     groups = list(params)
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
     groups = [{**g, "params": list(g["params"])} for g in groups]
     for g in groups:
         g["lr"] = lr * g.get("lr_mult", 1.0)
+    if name == "schedulefree-adamw":
+        import schedulefree
+
+        # foreach: its kernel (no fused one); a float lr, which the scheduler keeps constant.
+        opt = schedulefree.AdamWScheduleFree(groups, lr=lr, betas=betas, eps=eps,
+                                             weight_decay=weight_decay,
+                                             warmup_steps=warmup_steps, foreach=True)
+        opt.train()
+        opt.impl = "foreach"
+        return opt
     if impl == "auto":
         impl = default_impl((p for g in groups for p in g["params"]), name)
     kernel = {"fused": {"fused": True}, "foreach": {"foreach": True},
@@ -155,7 +170,7 @@ def build_optimizer(
 
 def check_hparams(*, name: str, lr: float, betas: tuple[float, float], eps: float,
                   weight_decay: float, impl: str = "auto", momentum: float = 0.9,
-                  nesterov: bool = False) -> None:
+                  nesterov: bool = False, amsgrad: bool = False) -> None:
     """Raise a one-line ``ValueError`` naming the first bad value and what is allowed."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
@@ -176,5 +191,28 @@ def check_hparams(*, name: str, lr: float, betas: tuple[float, float], eps: floa
         # SGD's momentum is a float that 1cycle changes every step: each step would
         # recompile, and as a tensor torch 2.14 reuses a stale value (pytorch#197889).
         raise ValueError("impl='compiled' is for adam and adamw; sgd uses 'fused' (or auto)")
+    if name == "schedulefree-adamw" and (impl not in ("auto", "foreach") or amsgrad):
+        raise ValueError("schedulefree-adamw has its own foreach kernel and no AMSGrad; drop "
+                         f"--optim.impl {impl}" + (" and --optim.amsgrad" if amsgrad else ""))
     if name == "sgd" and nesterov and momentum == 0:
         raise ValueError("nesterov=True needs momentum > 0 (momentum=0)")
+
+
+def schedule_free(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` keeps a training point and an average (``train()``/``eval()``)."""
+    return "train_mode" in optimizer.param_groups[0]
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer: torch.optim.Optimizer):
+    """The weights to evaluate, save and export: a schedule-free optimizer's average ``x``
+    (its ``eval()``) inside the block, its training point ``y`` (``train()``) after; yields
+    whether it switched. Any other optimizer's weights are the model's own."""
+    switch = schedule_free(optimizer)
+    if switch:
+        optimizer.eval()
+    try:
+        yield switch
+    finally:
+        if switch:
+            optimizer.train()

@@ -33,6 +33,7 @@ from torch import nn
 from toolkit import lifecycle
 from toolkit.config import parse
 from toolkit.errors import UserError, error_line
+from toolkit.optim import averaged_weights
 from toolkit.run_folder import RunFolder
 from toolkit.trainer import Trainer
 
@@ -80,7 +81,8 @@ def export_model(run: Run) -> None:
     or FSDP2 shards and offload) and ``model.json`` (builder and arguments) into the run
     folder, atomically. Collective: every rank calls it."""
     trainer = run.trainer
-    state = trainer.parallel.full_state_dict()
+    with averaged_weights(trainer.parallel.torch_optimizer()):  # schedule-free: its average
+        state = trainer.parallel.full_state_dict()
     if trainer.is_main:
         trainer.folder.write_weights({k: v.float() if v.is_floating_point() else v
                                       for k, v in state.items()})

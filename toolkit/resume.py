@@ -17,6 +17,7 @@ from pathlib import Path
 from toolkit import checkpoint, lifecycle, provenance
 from toolkit.distributed import any_failed
 from toolkit.errors import UserError
+from toolkit.optim import averaged_weights, schedule_free
 from toolkit.stages import stage_at
 
 
@@ -53,6 +54,9 @@ def start(trainer) -> None:
     if path is not None:
         trainer.enter_stage(stage_at(trainer.stage_ends, checkpoint.read_marker(path)["step"]))
         state = checkpoint.load(trainer.parallel, path)
+        inner = trainer.parallel.torch_optimizer()
+        if schedule_free(inner):  # saved at its average: back to its training point
+            inner.train()
         trainer.step, trainer._saved = state["step"], (state["step"], path)
         trainer.load_extra_state(state.get("extra", {}))
         if "clock" in state:  # checkpoints from before the clock: no seconds to add
@@ -84,10 +88,13 @@ def describe(trainer) -> str:
 def save(trainer) -> Path:
     """A checkpoint of this step (the one already written, if any); collective."""
     if trainer._saved is None or trainer._saved[0] != trainer.step:
-        path = checkpoint.save(trainer.parallel, trainer.folder.checkpoints, trainer.step,
-                               {"step": trainer.step, "total_steps": trainer.total_steps,
-                                "extra": trainer.extra_state(),
-                                "clock": trainer.clock.state_dict()},
-                               trainer.train_cfg.keep_checkpoints)
+        # A schedule-free optimizer's checkpoint holds its averaged weights (what evaluating
+        # a checkpoint scores) and resumes from them (its train() is the same arithmetic).
+        with averaged_weights(trainer.parallel.torch_optimizer()):
+            path = checkpoint.save(trainer.parallel, trainer.folder.checkpoints, trainer.step,
+                                   {"step": trainer.step, "total_steps": trainer.total_steps,
+                                    "extra": trainer.extra_state(),
+                                    "clock": trainer.clock.state_dict()},
+                                   trainer.train_cfg.keep_checkpoints)
         trainer._saved = (trainer.step, path)
     return trainer._saved[1]

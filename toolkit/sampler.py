@@ -77,15 +77,20 @@ def eval_shard(num_examples: int, world: int, rank: int) -> range:
 
 
 class ShardSampler:
-    """Evaluation order: :func:`eval_shard`'s examples in batches."""
+    """Evaluation order: :func:`eval_shard`'s examples in batches of at most ``batch_size``,
+    the same number of batches on every rank (shards differ by one example; a sharded model
+    gathers its parameters in each forward, so a rank with one batch more would wait for the
+    others forever). Batch sizes differ by one at most."""
 
     def __init__(self, num_examples: int, batch_size: int, *, world: int = 1, rank: int = 0):
         self.indices = list(eval_shard(num_examples, world, rank))
-        self.batch_size = max(1, batch_size)
+        largest = -(-num_examples // world)
+        count = max(1, -(-largest // max(1, batch_size)))
+        self.batches = [part.tolist() for part in
+                        torch.tensor_split(torch.tensor(self.indices, dtype=torch.long), count)]
 
     def __iter__(self) -> Iterator[list[int]]:
-        for i in range(0, len(self.indices), self.batch_size):
-            yield self.indices[i:i + self.batch_size]
+        yield from self.batches
 
     def __len__(self) -> int:
-        return -(-len(self.indices) // self.batch_size)
+        return len(self.batches)

@@ -32,6 +32,8 @@ from typing import Literal
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from toolkit.errors import UserError
+
 
 def _interp(start: float, end: float, t: float, cosine: bool) -> float:
     if cosine:
@@ -136,6 +138,9 @@ def torch_one_cycle(step: int, total_steps: int, *, pct_start: float = 0.3,
     """torch's ``OneCycleLR`` (``torch/optim/lr_scheduler.py``, ``get_lr``): ``(lr / max_lr,
     momentum)`` for optimizer step ``step``. Its phases end at steps ``pct_start * total - 1``
     (and ``2 * pct_start * total - 2`` with ``three_phase``) and ``total - 1``."""
+    if not pct_start * total_steps > 1 or not pct_start < 1:
+        raise UserError(f"--schedule.pytorch.pct-start={pct_start} over {total_steps} steps "
+                        "leaves a phase without a step: raise it (or the steps), keep it < 1")
     initial = 1 / div_factor
     low = initial / final_div_factor
     if three_phase:

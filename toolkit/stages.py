@@ -63,6 +63,12 @@ def check_stages(stages: list[Stage], layer_groups: int) -> None:
             raise UserError(f"stage {i} uses {stage.optim.name} (amsgrad {stage.optim.amsgrad}, "
                             f"{stage.optim.impl}) and stage 0 {first.name} (amsgrad "
                             f"{first.amsgrad}, {first.impl}): the stages of a run share them")
+        if stage.optim.name == "schedulefree-adamw" and (
+                stage.schedule.shape != "constant" or len(stages) > 1):
+            raise UserError("schedulefree-adamw has no schedule but its own warm-up "
+                            "(--optim.warmup-steps): run it with --schedule.shape constant, in "
+                            f"one stage (this run: shape {stage.schedule.shape}, "
+                            f"{len(stages)} stage{'s' if len(stages) > 1 else ''})")
         bad = [g for g in stage.train_groups or () if not 0 <= g < layer_groups]
         if bad or stage.train_groups == ():
             raise UserError(f"stage {i} trains layer groups {stage.train_groups}; the model has "

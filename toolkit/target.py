@@ -84,8 +84,14 @@ class Clock:
         return out
 
     def state_dict(self) -> dict:
-        return {"seconds": self.now(), "hit": self.hit}
+        return {"seconds": self.now(), "hit": self.hit, "target": self.target and (
+            self.target.metric, self.target.value)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seconds, self.hit, self._since = state["seconds"], state["hit"], time.time()
+        """The seconds; the record only if it was this target's (a resume with another
+        --target looks for its own from there on)."""
+        mine = self.target and (self.target.metric, self.target.value)
+        same = tuple(state.get("target") or ()) == tuple(mine or ())
+        self.seconds, self._since = state["seconds"], time.time()
+        self.hit = state["hit"] if same else None
         self.stopped = self.stop and self.hit is not None

@@ -24,6 +24,7 @@ order (:mod:`toolkit.sampler`) so that resume is exact mid-epoch (accelerate #20
 
 from __future__ import annotations
 
+import itertools
 import math
 import signal
 import sys
@@ -42,12 +43,14 @@ from toolkit.config import OptimConfig, ScheduleConfig, TrainConfig
 from toolkit.data.source import Data
 from toolkit.distributed import all_reduce_sum, make_accelerator, mean_of_sums, micro_batch
 from toolkit.errors import UserError
+from toolkit.optim import averaged_weights
 from toolkit.run_folder import RunFolder
 from toolkit.schedule import beta1_of
 from toolkit.stages import Stage, check_stages, stage_at, stage_ends
 from toolkit.target import Clock, Target
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+BN_BATCHES = 16  # micro-batches that recompute BatchNorm statistics at averaged weights
 
 
 class _CurrentSchedule:
@@ -197,16 +200,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """The means of :meth:`eval_step`'s sums over every rank's evaluation data."""
+        """The means of :meth:`eval_step`'s sums over every rank's evaluation data, at a
+        schedule-free optimizer's averaged weights (BatchNorm statistics recomputed for them
+        from :data:`BN_BATCHES` training micro-batches of ``(inputs, ...)``)."""
         if self.eval_data is None:
             return {}
-        self.model.eval()
         sums: dict[str, torch.Tensor] = {}
-        for batch in self.eval_data.eval_batches():
-            batch = send_to_device(batch, self.accelerator.device)
-            for k, v in self.eval_step(batch).items():
-                sums[k] = sums.get(k, 0) + v.detach().double().cpu()
-        self.model.train()
+        self.parallel.sync_buffers()
+        with averaged_weights(self.parallel.torch_optimizer()) as averaged:
+            if averaged:
+                batches = itertools.islice(self.train_data.batches(self.step), BN_BATCHES)
+                batchnorm.recompute_statistics(self.unwrapped(), (
+                    send_to_device(b[0], self.accelerator.device) for b in batches))
+            self.model.eval()
+            for batch in self.eval_data.eval_batches():
+                batch = send_to_device(batch, self.accelerator.device)
+                for k, v in self.eval_step(batch).items():
+                    sums[k] = sums.get(k, 0) + v.detach().double().cpu()
+            self.model.train()
         return {f"valid_{k}": v for k, v in mean_of_sums(sums).items()}
 
     def lr_and_beta1(self) -> dict[str, float]:

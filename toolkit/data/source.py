@@ -199,6 +199,6 @@ class DeviceTensors(_Sharded):
             epoch, k = epoch + 1, 0
 
     def eval_batches(self) -> Iterator[tuple]:
-        mine = torch.tensor(self.eval_sampler.indices, device=self.device)
-        for idx in mine.split(self.eval_sampler.batch_size):  # the eval sampler's order
+        for batch in self.eval_sampler:  # the eval sampler's order and batches
+            idx = torch.tensor(batch, dtype=torch.long, device=self.device)
             yield tuple(t[idx] for t in self.tensors)

@@ -97,6 +97,10 @@ class Strategy:
             p.requires_grad_(trains[g])
         return [1.0] * len(trains)
 
+    def sync_buffers(self) -> None:
+        """Make every rank's buffers (BatchNorm's running statistics) rank 0's before they
+        are used or saved (DDP does it at each forward itself)."""
+
     def unwrapped(self) -> nn.Module:
         """The model without its wrapper (the same parameters)."""
         return self.accelerator.unwrap_model(self.model)

@@ -110,7 +110,15 @@ class FSDP2(Strategy):
         self.model = fully_shard(model, **options)
         self.optimizer = build_optimizer(self.model)  # over the sharded (DTensor) parameters
 
+    def sync_buffers(self) -> None:
+        # FSDP2 shards parameters only: without --sync-batchnorm each rank would keep its own
+        # running statistics. DDP's rule: rank 0's, before each training forward.
+        if dist.get_world_size() > 1:
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
+
     def forward_backward(self, loss_of, last):
+        self.sync_buffers()
         # Gradients are reduce-scattered only on the last micro-batch of the step.
         self.model.set_requires_gradient_sync(last)
         loss = loss_of()
@@ -138,13 +146,16 @@ class FSDP2(Strategy):
     # real step as its second, 0.72 of its size. ``fresh`` records that there was no state,
     # and the state made for the save is dropped again.
     def save(self, folder: Path) -> None:
-        self.accelerator.save_state(str(folder))  # the schedule's state and the RNG
+        # The collective part first: a rank that fails its own files afterwards (a full disk)
+        # leaves no other waiting in DCP's collectives.
+        self.sync_buffers()
         fresh = not self.optimizer.state
         model, optim = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model, "optim": optim, "fresh": torch.tensor(fresh)},
                  checkpoint_id=str(folder / SHARDS))
         if fresh:
             self.optimizer.state.clear()
+        self.accelerator.save_state(str(folder))  # the schedule's state and the RNG
 
     def load(self, folder: Path) -> None:
         self.accelerator.load_state(str(folder))
@@ -157,6 +168,7 @@ class FSDP2(Strategy):
             self.optimizer.state.clear()
 
     def full_state_dict(self):
+        self.sync_buffers()
         return get_model_state_dict(self.model, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
 

@@ -50,6 +50,7 @@ import torch
 from accelerate.utils import DeepSpeedPlugin
 
 from toolkit.errors import UserError
+from toolkit.optim import schedule_free
 from toolkit.parallel.base import Estimate, Strategy, empty_estimate
 
 
@@ -324,7 +325,12 @@ class ZeRO(Strategy):
 
     def prepare(self, accelerator, model, build_optimizer) -> None:
         self.accelerator = accelerator
-        self.model, self.optimizer = accelerator.prepare(model, build_optimizer(model))
+        optimizer = build_optimizer(model)
+        if schedule_free(optimizer):
+            raise UserError(f"--strategy {self.name} with a schedule-free optimizer: DeepSpeed "
+                            "steps flat copies of the parameters, so the averaged weights it "
+                            "switches to for evaluation would not reach the model; use ddp")
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
         any_world(self.model)
 
     def forward_backward(self, loss_of, last):
