@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from slurm_cluster import slurm  # noqa: F401  (the session's Slurm cluster, a fixture)
-from toolkit.experiments.sweep import free_port, launch_prefix  # noqa: F401  (free_port: for the tests)
+from toolkit.experiments.sweep import free_port, launch_prefix  # noqa: F401  (tests import it)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "tiny.py"

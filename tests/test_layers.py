@@ -65,6 +65,41 @@ def test_deepspeed_and_fsdp_are_their_strategy_modules():
         assert "DEEPSPEED" not in path.read_text() or name == "toolkit.parallel.zero", name
 
 
+# The layer map of toolkit/__init__.py: a module imports modules of its own layer or of
+# layers before it (a package's name covers its modules).
+LAYERS = [
+    ["toolkit.errors", "toolkit.atomic"],
+    ["toolkit.optim", "toolkit.schedule", "toolkit.target", "toolkit.batchnorm",
+     "toolkit.models", "toolkit.parallel.base"],
+    ["toolkit.parallel", "toolkit.distributed", "toolkit.lifecycle"],
+    ["toolkit.sampler", "toolkit.data", "toolkit.tta"],
+    ["toolkit.config"],
+    ["toolkit.checkpoint", "toolkit.run_folder", "toolkit.stages", "toolkit.provenance",
+     "toolkit.lr_finder", "toolkit.resume", "toolkit.trainer"],
+    ["toolkit.lm"],
+    ["toolkit.recipe", "toolkit.evaluate"],
+    ["toolkit.experiments"],
+    ["toolkit.cli"],
+]
+
+
+def layer_of(name: str) -> int:
+    """The layer of module ``name``: that of the longest prefix in :data:`LAYERS`."""
+    best = max((p for layer in LAYERS for p in layer if name == p or name.startswith(p + ".")),
+               key=len)
+    return next(i for i, layer in enumerate(LAYERS) if best in layer)
+
+
+def test_imports_only_go_down_the_layer_map():
+    known = modules()
+    for name, path in known.items():
+        if name == "toolkit":
+            continue
+        for imported in toolkit_imports(name, path, known) - {"toolkit"}:
+            assert layer_of(imported) <= layer_of(name), \
+                f"{name} (layer {layer_of(name)}) imports {imported} (layer {layer_of(imported)})"
+
+
 def test_the_leaves_are_imported_only_from_above():
     # Who may import the language-model package and the experiment tools.
     above = {"toolkit.lm": ("toolkit.lm", "toolkit.evaluate", "toolkit.experiments",

@@ -1,6 +1,6 @@
 """The ``slurm/`` scripts on a real Slurm (two nodes on loopback, tests/slurm_cluster.py):
-a 2-process ZeRO-2 job and an FSDP2 one, a job signalled as a preemption warns it (checkpoint, requeue,
-resume) that ends bitwise where an uninterrupted job does, a job array of the post's grid
+a 2-process ZeRO-2 job and an FSDP2 one, a job signalled as a preemption warns it
+(checkpoint, requeue, resume) that ends bitwise where an uninterrupted job does, a job array of the post's grid
 that a re-submission does not redo, a 2-node job equal to a 1-node one, and a node whose
 processes die: the other rank exits within a bounded time and a resubmission resumes."""
 

@@ -73,7 +73,8 @@ def test_a_resume_with_another_target_looks_for_its_own(whole, tmp_path):
     hit = results(whole)["target"]["step"]
     run = tmp_path / "other"
     launch(TINY, ["--output-dir", str(run), "--eval-every", "2", "--target",
-                  "valid_accuracy=0.62", "--resume", str(whole / "checkpoints" / f"step_{hit + 1}")])
+                  "valid_accuracy=0.62", "--resume",
+                  str(whole / "checkpoints" / f"step_{hit + 1}")])
     t = results(run)["target"]
     first = next(r for r in evals(whole) if r["valid_accuracy"] >= 0.62)
     assert t["value"] == 0.62 and t["step"] == first["step"] > hit

@@ -1,21 +1,24 @@
 """AdamW and super-convergence (1cycle) training, from one CPU to many GPU nodes.
 
-The layers, each importing only those above it in this list (``tests/test_layers.py``
-checks it):
+The layers, each importing only its own and those above it in this list
+(``tests/test_layers.py`` checks it):
 
 - **Base**: :mod:`~toolkit.errors` (one-line errors), :mod:`~toolkit.atomic` (whole-file
-  writes), :mod:`~toolkit.run_folder` (every file of a run folder, named once).
-- **Parts**: :mod:`~toolkit.config` (the flags), :mod:`~toolkit.optim` (Adam-L2, AdamW,
-  AMSGrad, SGD: torch's kernels), :mod:`~toolkit.schedule` (1cycle as a pure function of
-  progress), :mod:`~toolkit.sampler` and :mod:`toolkit.data` (the data order, a function of
-  the step), :mod:`~toolkit.batchnorm`, :mod:`toolkit.models`, :mod:`~toolkit.tta`.
-- **Parallel**: :mod:`toolkit.parallel`, one :class:`~toolkit.parallel.base.Strategy` per
-  way of spreading a step over processes (``ddp``, ``zero``: DeepSpeed, ``fsdp2``), with
-  :mod:`~toolkit.distributed` (process group, world-size check, collectives) and
+  writes).
+- **Math and models**: :mod:`~toolkit.optim` (Adam-L2, AdamW, AMSGrad, SGD, schedule-free
+  AdamW), :mod:`~toolkit.schedule` (1cycle and today's shapes, pure functions of the step),
+  :mod:`~toolkit.target` (time to target), :mod:`~toolkit.batchnorm`, :mod:`toolkit.models`,
+  :mod:`toolkit.parallel.base` (what a strategy is).
+- **Parallel**: :mod:`toolkit.parallel` (``ddp``, ``zero``: DeepSpeed, ``fsdp2``),
+  :mod:`~toolkit.distributed` (process group, world-size check, collectives),
   :mod:`~toolkit.lifecycle` (one run per folder, no worker outliving its launcher).
+- **Data**: :mod:`~toolkit.sampler` and :mod:`toolkit.data` (the data order, a function of
+  the step), :mod:`~toolkit.tta`.
+- **Config**: :mod:`~toolkit.config` (the flags, validated).
 - **Engine**: :mod:`~toolkit.trainer` (the loop alone), :mod:`~toolkit.stages`,
-  :mod:`~toolkit.checkpoint` (atomic, verified), :mod:`~toolkit.resume` (a run in its
-  folder), :mod:`~toolkit.lr_finder`, :mod:`~toolkit.provenance`.
+  :mod:`~toolkit.checkpoint` (atomic, verified), :mod:`~toolkit.run_folder` (every file of a
+  run folder, named once), :mod:`~toolkit.resume` (a run in its folder),
+  :mod:`~toolkit.lr_finder`, :mod:`~toolkit.provenance`.
 - **Language models**: :mod:`toolkit.lm` (WikiText-2, AWD-LSTM/QRNN, their trainer, the
   cache pointer), built on the engine.
 - **Entry**: :mod:`~toolkit.recipe` (a recipe's one ``main``: parse, seed, build, train,

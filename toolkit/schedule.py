@@ -1,7 +1,8 @@
 """1cycle: the learning rate goes up then down while beta1 (or momentum) goes the other way.
 
 One pure function of the step, :func:`shape_values`, gives the lr factor and beta1 of every
-shape (``--schedule.shape``); the scheduler, the plots and the LR finder all read it:
+shape (``--schedule.shape``); the scheduler reads it, and the lr and beta1 it writes are
+what ``metrics.jsonl`` logs and the plots draw:
 
 * ``post`` (:func:`one_cycle`, the default): the post's shapes, below;
 * ``fastai`` (:func:`fastai_one_cycle`): fastai v2's ``fit_one_cycle``, cosine up and down;
@@ -193,8 +194,7 @@ def shape_values(shape: str, step: int, total_steps: int, params: dict
                  ) -> tuple[float, float | None]:
     """``(lr / max_lr, beta1)`` that optimizer step ``step`` (0-based) of ``total_steps``
     takes under ``shape`` with its source's ``params``; beta1 is None for a shape that
-    leaves it alone (flat-cos, wsd, constant). The scheduler, the plots and the LR finder
-    all read the schedule here."""
+    leaves it alone (flat-cos, wsd, constant). The scheduler reads the schedule here."""
     pos = step / total_steps
     if shape == "post":
         return one_cycle(pos, **params)

@@ -41,7 +41,7 @@ class Target:
 
     def reached(self, metrics: dict[str, float]) -> bool:
         """Whether ``metrics`` (an evaluation's) reach the target; a missing metric is a
-        ValueError naming the ones there are."""
+        one-line UserError naming the ones there are."""
         if self.metric not in metrics:
             raise UserError(f"--target names {self.metric}, which this recipe's evaluation "
                              f"does not report; it reports {', '.join(sorted(metrics))}")

@@ -103,8 +103,8 @@ class Trainer:
 
         def build_optimizer(model: nn.Module) -> torch.optim.Optimizer:
             optimizer = self.stages[0].optim.build(model, layer_groups)
-            # Each parameter's layer group, for freezing (a ZeRO engine's groups hold flat
-            # copies, FSDP2's the sharded parameters: read before wrapping).
+            # Each parameter's layer group, for freezing, read from the optimizer the strategy
+            # builds: before a ZeRO engine swaps in flat copies, over FSDP2's shards.
             self._grouped = [(p, g["layer_group"]) for g in optimizer.param_groups
                              for p in g["params"]]
             return optimizer

@@ -170,7 +170,7 @@ def cells(runs: list[RunDir]) -> dict[TableCell, list[RunDir]]:
 
 
 def main_metric(runs: list[RunDir], metric: str | None = None) -> str | None:
-    """``metric``, or the first of :data:`toolkit.experiments.post.MAIN_METRICS` the runs have (None:
+    """``metric``, or the first of :data:`~.post.MAIN_METRICS` the runs have (None:
     none yet)."""
     seen = {k for r in runs for k in [*(r.results or {}), *(k for row in r.rows for k in row)]}
     if metric is None:
@@ -313,7 +313,8 @@ def result_blocks(runs: list[RunDir], key: str | None, wall_time: bool = True) -
     blocks: Blocks = [("p", f"Main metric: {key} ({'higher' if higher_is_better(key) else 'lower'}"
                        " is better). Cells: mean ± sample std over seeds of results.json; n "
                        "counts finished runs."
-                       + (f" Each optimizer's own settings: {', '.join(per_row)}." if per_row else "")
+                       + (f" Each optimizer's own settings: {', '.join(per_row)}."
+                          if per_row else "")
                        + (f" A table per value of: {', '.join(per_table)}." if per_table else ""))]
     for table in dict.fromkeys(c.table for c in groups):
         part = {c: rs for c, rs in groups.items() if c.table == table}

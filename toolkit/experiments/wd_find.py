@@ -7,8 +7,9 @@ decay differs by orders of magnitude between L2 in the loss (Adam) and decoupled
 (AdamW); on CIFAR-10 it found L2's best near 1e-6-scale values at max lr 1e-3 and decoupled
 decay's at 0.3 with lr 3e-3. This runs the LR range test once (or takes ``--lr``), then short
 1cycle runs at that lr over a log grid of weight decays (``--wds``) for both kinds, through
-:mod:`toolkit.experiments.sweep` (finished cells are skipped when run again), and reports the best of
-each, their ratio and a plot (``OUT/wd_find.png``, numbers in ``OUT/wd_find.json``).
+:mod:`~toolkit.experiments.sweep` (finished cells are skipped when run again), and
+reports the best of each, their ratio and a plot (``OUT/wd_find.png``, numbers in
+``OUT/wd_find.json``).
 """
 
 from __future__ import annotations
