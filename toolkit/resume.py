@@ -43,6 +43,8 @@ def start(trainer) -> None:
     trainer.seed_rank()
     folder, flag, acc = trainer.folder, trainer.train_cfg.resume, trainer.accelerator
     checkpoint.candidates(flag, folder.checkpoints)  # a bad path: refused before any write
+    if trainer.clock.target is not None and trainer.eval_data is None:
+        raise UserError("--target needs an evaluation, and this run has no evaluation data")
     if flag is None and folder.holds_run():
         raise UserError(f"--output-dir {trainer.out} already holds a run; pass --resume auto "
                         "to continue it, or choose another --output-dir")
