@@ -8,6 +8,7 @@ config, and one-line refusals."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,7 +47,11 @@ def assert_close(a: dict, b: dict, **tol) -> None:
         torch.testing.assert_close(a[k], b[k], **(tol or TOL), msg=k)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+SLOW = {"adamw", "adam-l2"}  # AMSGrad, SGD and clipping stay in the default run
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c
+                                  for c in CASES])
 def test_two_processes_equal_one_and_shard_the_states(case, tmp_path):
     flags = CASES[case]
     one = run(tmp_path, "one", flags)[0]
@@ -96,6 +101,7 @@ def test_batchnorm_without_sync_is_ddps_rank_0_statistics(tmp_path):
     assert_close(saved, want)
 
 
+@pytest.mark.slow
 def test_bf16_two_processes_equal_one(tmp_path):
     """bf16 compute (FSDP2's mixed precision): another split of the batch rounds
     differently (measured: 4e-3 on weights of ~0.2 after 20 Adam steps, the same valid loss
@@ -190,17 +196,25 @@ def test_the_accelerate_config_runs_fsdp2(tmp_path):
             "fsdp_version"] == 2
 
 
+@pytest.fixture(scope="module")
+def two_layouts(tmp_path_factory) -> dict[str, Path]:
+    """A ZeRO-2 and an FSDP2 checkpoint of tiny, after 2 steps."""
+    out = {}
+    for name in ("zero2", "fsdp2"):
+        run_dir = tmp_path_factory.mktemp("layouts") / name
+        launch(TINY, ["--output-dir", str(run_dir), "--strategy", name, "--max-steps", "2",
+                      "--checkpoint-every", "2"])
+        out[name] = run_dir / "checkpoints" / "step_2"
+    return out
+
+
 @pytest.mark.parametrize("args, says", [
     (["--strategy", "fsdp2-offload"], "--strategy fsdp2-offload needs a GPU"),
     (["--strategy", "fsdp2", "--resume", "{zero2}"], "saved under zero2 and this run uses fsdp2"),
     (["--strategy", "zero2", "--resume", "{fsdp2}"], "saved under fsdp2 and this run uses zero2"),
 ])
-def test_bad_combinations_are_one_line(args, says, tmp_path):
-    for name in ("zero2", "fsdp2"):
-        launch(TINY, ["--output-dir", str(tmp_path / name), "--strategy", name, "--max-steps",
-                      "2", "--checkpoint-every", "2"])
-    args = [a.format(**{n: tmp_path / n / "checkpoints" / "step_2" for n in ("zero2", "fsdp2")})
-            for a in args]
+def test_bad_combinations_are_one_line(args, says, two_layouts, tmp_path):
+    args = [a.format(**two_layouts) for a in args]
     proc = launch(TINY, ["--output-dir", str(tmp_path / "bad"), *args], check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

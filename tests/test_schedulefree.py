@@ -64,7 +64,7 @@ def test_killed_then_resumed_equals_uninterrupted(tmp_path):
         assert torch.equal(a["params"][k], v), k
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)])
 def test_two_processes_equal_one(strategy, tmp_path):
     one = run(tmp_path, "one", [])[0]
     two = run(tmp_path, "two", ["--strategy", strategy], launcher="torchrun")
