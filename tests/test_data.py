@@ -166,3 +166,20 @@ def test_loader_with_workers_trains_and_resumes_like_device_tensors(tmp_path):
     assert t["seen"] == l["seen"] and r["seen"] == l["seen"][7:]
     for k, v in t["params"].items():
         assert torch.equal(v, l["params"][k]) and torch.equal(v, r["params"][k]), k
+
+
+@pytest.mark.parametrize("n, batch, world", [(8041, 20, 2), (8040, 20, 2), (10, 4, 3),
+                                             (10000, 512, 1), (101, 10, 4)])
+def test_every_rank_evaluates_in_as_many_batches(n, batch, world):
+    """A sharded model (ZeRO-3, FSDP2) gathers its parameters in every forward: one rank with
+    a batch more than another would wait forever (8,041 Stanford Cars test images over 2
+    ranks in batches of 20 made 202 against 201)."""
+    from toolkit.sampler import ShardSampler, eval_shard
+
+    samplers = [ShardSampler(n, batch, world=world, rank=r) for r in range(world)]
+    assert len({len(s) for s in samplers}) == 1
+    for r, s in enumerate(samplers):
+        assert [i for b in s for i in b] == list(eval_shard(n, world, r))
+        assert max(len(b) for b in s) <= batch
+    if world == 1:  # one process: plain batches of batch_size, in order
+        assert all(len(b) == batch for b in samplers[0].batches[:-1])

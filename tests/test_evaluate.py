@@ -55,6 +55,7 @@ def test_a_zero2_checkpoint_gives_its_logged_eval_on_one_process(digits, tmp_pat
     assert got["valid_loss"] == pytest.approx(logged["valid_loss"], rel=1e-6)
 
 
+@pytest.mark.slow  # 12 s: CI runs it after the default run
 def test_an_fsdp2_checkpoint_gives_its_logged_eval_on_one_process(tmp_path):
     run = tmp_path / "fsdp2"
     launch(DIGITS, ["--output-dir", str(run), "--max-steps", "20", "--eval-every", "10",

@@ -170,6 +170,7 @@ def test_a_zeroed_max_fails_that_comparison(tmp_path):
                      optimizer_states(ckpt / "step_20"))
 
 
+@pytest.mark.slow  # 24 s: CI runs it after the default run
 def test_killed_then_resumed_equals_uninterrupted(tmp_path):
     args = ["--strategy", "fsdp2", "--optim.amsgrad", "--dropout", "0.3", "--epochs", "3",
             "--checkpoint-every", "1", "--keep-checkpoints", "3"]

@@ -51,6 +51,7 @@ def test_a_run_is_the_packages_optimizer_in_a_plain_loop(tmp_path):
         torch.testing.assert_close(ours["params"][k], v, rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.slow  # 17 s: CI runs it after the default run
 def test_killed_then_resumed_equals_uninterrupted(tmp_path):
     args = [*SF, "--dropout", "0.3", "--epochs", "3", "--checkpoint-every", "1",
             "--keep-checkpoints", "3"]

@@ -57,7 +57,8 @@ def one_node(slurm, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name, kind", [("zero2", "DEEPSPEED"), ("fsdp2", "MULTI_CPU")])
+@pytest.mark.parametrize("name, kind", [
+    ("zero2", "DEEPSPEED"), pytest.param("fsdp2", "MULTI_CPU", marks=pytest.mark.slow)])
 def test_a_sharded_job_completes_with_its_outputs(name, kind, slurm, tmp_path):
     out = tmp_path / name
     job = submit(slurm, TRAIN, out, ARGS=SHORT, STRATEGY=name)

@@ -105,6 +105,7 @@ def test_two_processes_each_train_their_columns(one_process, tmp_path):
         results(one_process)["test_cache_ppl"], rel=1e-4)
 
 
+@pytest.mark.slow  # CI runs it after the default run
 def test_fsdp2_two_processes_equal_one(one_process, tmp_path):
     """The language model sharded with FSDP2 (the tied embedding stays with the root): its
     perplexities are one process's."""

@@ -77,17 +77,24 @@ def eval_shard(num_examples: int, world: int, rank: int) -> range:
 
 
 class ShardSampler:
-    """Evaluation order: :func:`eval_shard`'s examples in batches of at most ``batch_size``,
-    the same number of batches on every rank (shards differ by one example; a sharded model
-    gathers its parameters in each forward, so a rank with one batch more would wait for the
-    others forever). Batch sizes differ by one at most."""
+    """Evaluation order: :func:`eval_shard`'s examples in batches of ``batch_size``, the same
+    number of batches on every rank. Shards differ by one example, and a sharded model gathers
+    its parameters in each forward: a rank with one batch more would wait for the others
+    forever. So a rank whose shard would make one batch fewer splits it into as many batches
+    as the others (sizes differ by one at most)."""
 
     def __init__(self, num_examples: int, batch_size: int, *, world: int = 1, rank: int = 0):
         self.indices = list(eval_shard(num_examples, world, rank))
-        largest = -(-num_examples // world)
-        count = max(1, -(-largest // max(1, batch_size)))
-        self.batches = [part.tolist() for part in
-                        torch.tensor_split(torch.tensor(self.indices, dtype=torch.long), count)]
+        size = max(1, batch_size)
+        largest = -(-num_examples // world)  # ceil: the first ranks' shards
+        count = -(-largest // size)
+        if -(-len(self.indices) // size) == count:
+            self.batches = [self.indices[i:i + size] for i in range(0, len(self.indices), size)]
+        else:
+            # (a shard smaller than the count, at one example per batch, gets fewer: an empty
+            # batch would not pass a DataLoader)
+            self.batches = [p.tolist() for p in torch.tensor_split(
+                torch.tensor(self.indices, dtype=torch.long), count) if len(p)]
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self.batches
