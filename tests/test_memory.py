@@ -113,6 +113,7 @@ def test_amsgrad_adds_4_bytes_per_param_of_state(name, precision):
                                     # and one process is "ddp" at world 1.
                                     {"strategy": "auto"}, {"strategy": "single"},
                                     {"precision": "fp8"}, {"optimizer": "lamb"},
+                                    {"optimizer": "muon"}, {"optimizer": "schedulefree-adamw"},
                                     {"optimizer": "sgd", "amsgrad": True}])
 def test_bad_input_is_a_user_error(kwargs):
     args = {"n_params": 1000, "strategy": "zero2", "world": 2, **kwargs}

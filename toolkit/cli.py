@@ -88,7 +88,6 @@ def _memory(args: list[str]) -> None:
 
     from toolkit.experiments import memory
     from toolkit.distributed import PRECISIONS
-    from toolkit.optim import OPTIMIZERS
     from toolkit.parallel import CONCRETE
 
     parser = argparse.ArgumentParser(
@@ -103,7 +102,7 @@ def _memory(args: list[str]) -> None:
     parser.add_argument("--world", type=int, default=1, help="processes (devices)")
     # Choices are checked by the estimator, so a bad value is one `error:` line.
     parser.add_argument("--precision", default="fp32", help=", ".join(PRECISIONS))
-    parser.add_argument("--optimizer", default="adamw", help=", ".join(OPTIMIZERS))
+    parser.add_argument("--optimizer", default="adamw", help=", ".join(memory.LABELS))
     parser.add_argument("--amsgrad", action="store_true")
     parser.add_argument("--strategy", action="append",
                         help=f"only this strategy (repeatable): {', '.join(CONCRETE)}")

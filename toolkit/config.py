@@ -31,7 +31,7 @@ from toolkit import schedule as schedule_lib
 from toolkit.atomic import write_atomic
 from toolkit.distributed import Precision
 from toolkit.errors import UserError
-from toolkit.optim import Impl, OptimizerName
+from toolkit.optim import Impl, MuonAdjustLr, OptimizerName
 from toolkit.parallel import Strategy
 from toolkit.target import Target
 
@@ -40,7 +40,8 @@ from toolkit.target import Target
 class OptimConfig:
     name: OptimizerName = "adamw"
     """adamw: decoupled weight decay (p -= lr*wd*p); adam: L2 (g += wd*p); sgd: momentum + L2;
-    schedulefree-adamw: schedule-free AdamW (Defazio et al. 2024; --schedule.shape constant)."""
+    schedulefree-adamw: schedule-free AdamW (Defazio et al. 2024; --schedule.shape constant);
+    muon: torch's Muon on the hidden weight matrices, AdamW on the rest (one lr, one wd)."""
     lr: float = 3e-3
     """Maximum learning rate of the cycle (pick it with --lr-find)."""
     betas: tuple[float, float] = (0.95, 0.99)
@@ -63,6 +64,9 @@ class OptimConfig:
     """Kernel: auto = fastest correct for the device (fused); compiled = torch.compile'd step."""
     warmup_steps: int = 0
     """schedulefree-adamw's own linear warm-up, in optimizer steps (its schedule)."""
+    muon_adjust_lr: MuonAdjustLr = "match_rms_adamw"
+    """muon's lr per matrix: match_rms_adamw (Moonshot's: AdamW's lr and wd fit both),
+    original (Keller Jordan's sqrt(max(1, out/in)): wants ~10x AdamW's lr), spectral_unclamped."""
 
     def validate(self) -> None:
         optim_lib.check_hparams(name=self.name, lr=self.lr, betas=self.betas, eps=self.eps,
@@ -89,6 +93,8 @@ class OptimConfig:
             if not isinstance(group["betas"][0], torch.Tensor):
                 group["betas"] = tuple(self.betas)
             group["eps"] = self.eps
+        elif group.get("muon"):
+            group["momentum"] = self.betas[0]
         else:
             group["momentum"], group["nesterov"] = self.momentum, self.nesterov
 
@@ -102,11 +108,13 @@ class OptimConfig:
 
     def build(self, model: torch.nn.Module, layer_groups=None) -> torch.optim.Optimizer:
         groups = optim_lib.param_groups(model, self.wd, no_decay_bias_norm=self.no_decay_bias_norm,
-                                        layer_groups=layer_groups, lr_mults=self.lr_mults)
+                                        layer_groups=layer_groups, lr_mults=self.lr_mults,
+                                        muon=self.name == "muon")
         return optim_lib.build_optimizer(groups, self.name, self.lr, betas=self.betas, eps=self.eps,
                                          weight_decay=self.wd, amsgrad=self.amsgrad,
                                          momentum=self.momentum, nesterov=self.nesterov,
-                                         impl=self.impl, warmup_steps=self.warmup_steps)
+                                         impl=self.impl, warmup_steps=self.warmup_steps,
+                                         muon_adjust_lr=self.muon_adjust_lr)
 
 
 def _share(name: str, value: float) -> None:

@@ -25,10 +25,12 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-OptimizerName = Literal["adamw", "adam", "sgd", "schedulefree-adamw"]
+OptimizerName = Literal["adamw", "adam", "sgd", "schedulefree-adamw", "muon"]
+MuonAdjustLr = Literal["match_rms_adamw", "original", "spectral_unclamped"]
 Impl = Literal["auto", "fused", "foreach", "forloop", "compiled"]
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 IMPLS: tuple[str, ...] = get_args(Impl)
+MUON_ADJUST_LR: tuple[str, ...] = get_args(MuonAdjustLr)
 
 # Normalization layers whose weights are scales, not features: decaying them to 0 hurts.
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
@@ -45,6 +47,19 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
+def hidden_matrices(model: nn.Module) -> set[str]:
+    """Names of the weights Muon orthogonalizes (``--optim.name muon``): every parameter of
+    2 or more dimensions but embeddings and the output layer (the model's last
+    ``nn.Linear``), which stay with AdamW as biases and norms do: the split of Keller
+    Jordan's Muon, modded-nanogpt and torch's Muon docs. A conv's filters count as one
+    out x (in * kh * kw) matrix, as in airbench94_muon."""
+    kept = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        kept.add(id(linears[-1].weight))
+    return {n for n, p in model.named_parameters() if p.ndim >= 2 and id(p) not in kept}
+
+
 def param_groups(
     model: nn.Module,
     weight_decay: float,
@@ -52,6 +67,7 @@ def param_groups(
     no_decay_bias_norm: bool = True,
     layer_groups: Sequence[nn.Module] | None = None,
     lr_mults: Sequence[float] | None = None,
+    muon: bool = False,
 ) -> list[dict]:
     """Parameter groups with an ``lr_mult``, a ``weight_decay``, their ``layer_group`` index
     and whether they ``decay`` each.
@@ -59,7 +75,8 @@ def param_groups(
     ``layer_groups`` splits the model into consecutive parts (for discriminative learning
     rates, the post's Stanford Cars run used ``lr_mults=(1/9, 1/3, 1)``); parameters not in
     any listed part join the last one. ``no_decay_bias_norm`` puts biases and normalization
-    weights in groups with ``weight_decay=0``.
+    weights in groups with ``weight_decay=0``. ``muon`` splits off the
+    :func:`hidden_matrices` of each part in groups marked ``muon``.
     """
     named = dict(model.named_parameters())
     skip = no_decay_names(model) if no_decay_bias_norm else set()
@@ -73,14 +90,19 @@ def param_groups(
     mults = [1.0] * len(parts) if lr_mults is None else list(lr_mults)
     if len(mults) != len(parts):
         raise ValueError(f"lr_mults has {len(mults)} values for {len(parts)} layer groups")
+    hidden = hidden_matrices(model) if muon else set()
     groups = []
     for index, (part, mult) in enumerate(zip(parts, mults)):
-        decay = [named[n] for n in part if n not in skip and named[n].requires_grad]
-        no_decay = [named[n] for n in part if n in skip and named[n].requires_grad]
-        for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
-            if params:
-                groups.append({"params": params, "weight_decay": wd, "lr_mult": mult,
-                               "layer_group": index, "decay": params is decay})
+        part = [n for n in part if named[n].requires_grad]
+        kinds = [([n for n in part if n in hidden], weight_decay, True, True),
+                 ([n for n in part if n not in hidden and n not in skip], weight_decay, True,
+                  False),
+                 ([n for n in part if n not in hidden and n in skip], 0.0, False, False)]
+        for names, wd, decay, orthogonal in kinds:
+            if names:
+                groups.append({"params": [named[n] for n in names], "weight_decay": wd,
+                               "lr_mult": mult, "layer_group": index, "decay": decay,
+                               **({"muon": orthogonal} if muon else {})})
     return groups
 
 
@@ -115,6 +137,7 @@ def build_optimizer(
     nesterov: bool = False,
     impl: Impl = "auto",
     warmup_steps: int = 0,
+    muon_adjust_lr: MuonAdjustLr = "match_rms_adamw",
 ) -> torch.optim.Optimizer:
     """Build ``name`` over ``params`` (tensors or groups from :func:`param_groups`).
 
@@ -123,8 +146,12 @@ def build_optimizer(
     (Nesterov optional) and L2, the post's baseline. ``schedulefree-adamw``: the
     ``schedulefree`` package's ``AdamWScheduleFree`` (Defazio et al. 2024; decoupled decay,
     its own linear warm-up of ``warmup_steps``, no schedule: a constant lr), returned in
-    train mode (:func:`averaged_weights` switches it). A group's ``lr_mult`` scales ``lr``.
-    Defaults are the post's: betas (0.95, 0.99) at the start of 1cycle, eps 1e-8.
+    train mode (:func:`averaged_weights` switches it). ``muon``: :class:`Muon` over the
+    groups marked ``muon`` (:func:`param_groups`), AdamW over the others, one lr and one wd
+    for both (``muon_adjust_lr`` ``match_rms_adamw``, Moonshot's scaling that lets Muon reuse
+    AdamW's; ``original`` is Keller Jordan's, which wants a larger lr); Muon's momentum is
+    beta1, Nesterov. A group's ``lr_mult`` scales ``lr``. Defaults are the post's: betas
+    (0.95, 0.99) at the start of 1cycle, eps 1e-8.
     """
     check_hparams(name=name, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, impl=impl,
                   momentum=momentum, nesterov=nesterov, amsgrad=amsgrad)
@@ -144,6 +171,17 @@ def build_optimizer(
         opt.train()
         opt.impl = "foreach"
         return opt
+    if name == "muon":
+        hidden = [g for g in groups if g.get("muon")]
+        if not hidden:
+            raise ValueError("muon found no hidden weight matrix to orthogonalize (its groups "
+                             "come from param_groups(..., muon=True)); use adamw")
+        muon = Muon(hidden, lr=lr, weight_decay=weight_decay, momentum=betas[0], nesterov=True,
+                    adjust_lr_fn=muon_adjust_lr)
+        adamw = build_optimizer([g for g in groups if not g.get("muon")], "adamw", lr,
+                                betas=betas, eps=eps, weight_decay=weight_decay,
+                                amsgrad=amsgrad, impl=impl)
+        return MuonWithAdamW(muon, adamw)
     if impl == "auto":
         impl = default_impl((p for g in groups for p in g["params"]), name)
     kernel = {"fused": {"fused": True}, "foreach": {"foreach": True},
@@ -166,6 +204,73 @@ def build_optimizer(
         opt.step = types.MethodType(torch.compile(type(opt).step, fullgraph=False), opt)
     opt.impl = impl  # what was chosen, for logs and benchmarks
     return opt
+
+
+class Muon(torch.optim.Muon):
+    """torch's Muon, for weights of any rank >= 2: a conv's (out, in, kh, kw) filters step
+    as one out x (in * kh * kw) matrix (airbench94_muon's flattening)."""
+
+    def __init__(self, params, **kwargs):
+        groups = list(params)
+        # torch's constructor checks the hyperparameters and sets the defaults but takes 2-D
+        # tensors only: build it over a stand-in, then add the real groups.
+        super().__init__([torch.zeros(1, 1)], **kwargs)
+        self.param_groups.clear()
+        for group in groups:
+            self.add_param_group(group)
+
+    def _init_group(self, group, params_with_grad, grads, muon_momentum_bufs) -> bool:
+        # torch's step updates what this lists in place: 2-D views of each weight and its
+        # momentum, flattened in the weight's memory order (channels-last filters too; a
+        # permutation of the columns, which orthogonalization commutes with).
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            order = [0, *sorted(range(1, p.ndim), key=p.stride, reverse=True)]
+            params_with_grad.append(p.permute(order).view(len(p), -1))
+            grads.append(p.grad.permute(order).reshape(len(p), -1))
+            muon_momentum_bufs.append(state["momentum_buffer"].permute(order).view(len(p), -1))
+        return False
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon over the hidden matrices and AdamW over the rest as one torch optimizer: one
+    ``param_groups`` list (the schedule, stages and the LR finder drive every group) and one
+    ``state``, so checkpoints, DDP and resume take it as any other."""
+
+    def __init__(self, muon: Muon, adamw: torch.optim.Optimizer):
+        self.parts = (muon, adamw)
+        super().__init__(muon.param_groups + adamw.param_groups, {})
+        self.impl = f"muon+{adamw.impl}"
+        self._share()
+
+    def _share(self) -> None:
+        muon, adamw = self.parts
+        n = len(muon.param_groups)
+        muon.param_groups, adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        muon.state = adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._share()  # torch loads into new group dicts and a new state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for part in self.parts:
+            part.step()
+        return loss
+
+
+def orthogonalizes(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` steps whole matrices (Muon), which a shard cannot stand for."""
+    return any("ns_steps" in g for g in optimizer.param_groups)
 
 
 def check_hparams(*, name: str, lr: float, betas: tuple[float, float], eps: float,
@@ -194,6 +299,9 @@ def check_hparams(*, name: str, lr: float, betas: tuple[float, float], eps: floa
     if name == "schedulefree-adamw" and (impl not in ("auto", "foreach") or amsgrad):
         raise ValueError("schedulefree-adamw has its own foreach kernel and no AMSGrad; drop "
                          f"--optim.impl {impl}" + (" and --optim.amsgrad" if amsgrad else ""))
+    if name == "muon" and impl == "compiled":
+        raise ValueError("muon has no compiled step (torch's is a loop over matrices); drop "
+                         "--optim.impl compiled")
     if name == "sgd" and nesterov and momentum == 0:
         raise ValueError("nesterov=True needs momentum > 0 (momentum=0)")
 

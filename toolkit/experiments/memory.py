@@ -24,7 +24,7 @@ from decimal import Decimal, InvalidOperation
 
 from toolkit.distributed import PRECISIONS, Precision
 from toolkit.errors import UserError
-from toolkit.optim import OPTIMIZERS, OptimizerName
+from toolkit.optim import OptimizerName
 from toolkit import parallel
 from toolkit.parallel import CONCRETE, Concrete
 from toolkit.parallel.base import CATEGORIES, PLACES, STATES  # noqa: F401
@@ -41,6 +41,10 @@ NOTES = (
     "parameter (stage 3) to a multiple of the world size: real counts may be a few elements "
     "higher.",
 )
+
+
+LABELS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD with momentum"}
+"""The optimizers whose states :func:`state_names` knows per parameter."""
 
 
 def state_names(optimizer: OptimizerName, amsgrad: bool) -> tuple[str, ...]:
@@ -60,8 +64,9 @@ def check(n_params: int, strategy: str, world: int, precision: str, optimizer: s
         raise UserError(f"world={world!r} must be a whole number >= 1 (processes)")
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
-    if optimizer not in OPTIMIZERS:
-        raise UserError(f"optimizer {optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    if optimizer not in LABELS:
+        raise UserError(f"optimizer {optimizer!r} is not one this estimate knows; choose one of "
+                        f"{', '.join(LABELS)} (schedulefree-adamw and muon: measure a run)")
     if amsgrad and optimizer == "sgd":
         raise UserError("amsgrad is an Adam/AdamW option; drop it with optimizer sgd")
 
@@ -123,7 +128,7 @@ def table(n_params: int, world: int = 1, precision: Precision = "fp32",
           strategies: tuple[str, ...] = CONCRETE) -> str:
     """The report ``toolkit memory`` prints: one table per place, a row per strategy."""
     rows = {s: estimate(n_params, s, world, precision, optimizer, amsgrad) for s in strategies}
-    label = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD with momentum"}[optimizer]
+    label = LABELS[optimizer]
     lines = [f"Model states of {n_params:,} parameters, world {world}, {precision}, {label}"
              f"{' + AMSGrad' if amsgrad else ''}: bytes per process (one process: the ddp row)"]
     titles = {"device": "Per device (GPU/accelerator memory)",

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_state_dict, set_state_dict)
 
 from toolkit.errors import UserError
+from toolkit.optim import orthogonalizes
 from toolkit.parallel.base import Estimate, Strategy, empty_estimate
 
 SHARDS = "fsdp2"  # the DCP folder inside a checkpoint
@@ -109,6 +110,9 @@ class FSDP2(Strategy):
             fully_shard(block, **options)
         self.model = fully_shard(model, **options)
         self.optimizer = build_optimizer(self.model)  # over the sharded (DTensor) parameters
+        if orthogonalizes(self.optimizer):
+            raise UserError(f"--strategy {self.name} with muon: each process holds rows of "
+                            "every weight matrix, and Newton-Schulz needs whole ones; use ddp")
 
     def sync_buffers(self) -> None:
         # FSDP2 shards parameters only: without --sync-batchnorm each rank would keep its own

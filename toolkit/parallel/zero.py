@@ -50,7 +50,7 @@ import torch
 from accelerate.utils import DeepSpeedPlugin
 
 from toolkit.errors import UserError
-from toolkit.optim import schedule_free
+from toolkit.optim import orthogonalizes, schedule_free
 from toolkit.parallel.base import Estimate, Strategy, empty_estimate
 
 
@@ -330,6 +330,9 @@ class ZeRO(Strategy):
             raise UserError(f"--strategy {self.name} with a schedule-free optimizer: DeepSpeed "
                             "steps flat copies of the parameters, so the averaged weights it "
                             "switches to for evaluation would not reach the model; use ddp")
+        if orthogonalizes(optimizer):
+            raise UserError(f"--strategy {self.name} with muon: DeepSpeed steps flat copies "
+                            "of the parameters, and Newton-Schulz needs whole matrices; use ddp")
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         any_world(self.model)
 
