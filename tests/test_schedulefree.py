@@ -25,18 +25,20 @@ def run(tmp, name, args, launcher="python"):
     return dumps(tmp / f"{name}_d", 2 if launcher != "python" else 1)
 
 
-def test_a_run_is_the_packages_optimizer_in_a_plain_loop(tmp_path):
+@pytest.mark.parametrize("args, warmup", [([], 0), (["--optim.warmup-pct", "0.25"], 5)])
+def test_a_run_is_the_packages_optimizer_in_a_plain_loop(args, warmup, tmp_path):
     """tiny: 2 epochs of 10 steps, evaluated at steps 10 and 20 and saved at 20, each at
-    the averaged weights (eval(), then train() again)."""
+    the averaged weights (eval(), then train() again); a warm-up of a quarter of them."""
     import schedulefree
 
-    ours = run(tmp_path, "ours", [])[0]
+    ours = run(tmp_path, "ours", args)[0]
     torch.manual_seed(0)
     net = model(0.0)
     data = dataset(320, 1, shuffle_seed=0).shard(batch_size=32, world=1, rank=0, accum=1,
                                                  device="cpu")
     opt = schedulefree.AdamWScheduleFree(param_groups(net, 0.1), lr=1e-2, betas=(0.95, 0.99),
-                                         eps=1e-8, weight_decay=0.1, foreach=True)
+                                         eps=1e-8, weight_decay=0.1, foreach=True,
+                                         warmup_steps=warmup)
     opt.train()
     batches = data.batches(0)
     for step in range(1, 21):
@@ -99,6 +101,7 @@ def test_the_exported_model_is_the_average_and_scores_the_runs_accuracy(tmp_path
     ([*SF, "--strategy", "zero2"], "DeepSpeed steps flat copies"),
     ([*SF, "--optim.amsgrad"], "no AMSGrad"),
     (["--optim.warmup-steps", "5"], "is schedulefree-adamw's"),
+    ([*SF, "--optim.warmup-steps", "5", "--optim.warmup-pct", "0.1"], "without --optim.warmup-steps"),
 ])
 def test_what_it_cannot_do_is_one_line(args, says, tmp_path):
     proc = launch(TINY, ["--output-dir", str(tmp_path / "bad"), *args], check=False)

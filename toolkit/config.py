@@ -64,6 +64,9 @@ class OptimConfig:
     """Kernel: auto = fastest correct for the device (fused); compiled = torch.compile'd step."""
     warmup_steps: int = 0
     """schedulefree-adamw's own linear warm-up, in optimizer steps (its schedule)."""
+    warmup_pct: float = 0.0
+    """schedulefree-adamw's warm-up as a share of the run's optimizer steps instead (0.05:
+    WSD's default)."""
     muon_adjust_lr: MuonAdjustLr = "match_rms_adamw"
     """muon's lr per matrix: match_rms_adamw (Moonshot's: AdamW's lr and wd fit both),
     original (Keller Jordan's sqrt(max(1, out/in)): wants ~10x AdamW's lr), spectral_unclamped."""
@@ -75,6 +78,10 @@ class OptimConfig:
         if self.warmup_steps < 0 or (self.warmup_steps and self.name != "schedulefree-adamw"):
             raise ValueError(f"--optim.warmup-steps={self.warmup_steps} must be >= 0, and is "
                              "schedulefree-adamw's (the other optimizers follow --schedule)")
+        if not 0 <= self.warmup_pct < 1 or (self.warmup_pct and (
+                self.name != "schedulefree-adamw" or self.warmup_steps)):
+            raise ValueError(f"--optim.warmup-pct={self.warmup_pct} must be in [0, 1), without "
+                             "--optim.warmup-steps, and is schedulefree-adamw's")
         if self.lr_mults is not None and not (self.lr_mults and all(m > 0 for m in self.lr_mults)):
             raise ValueError(f"--optim.lr-mults={self.lr_mults} must be one value > 0 per layer "
                              "group")
@@ -106,14 +113,17 @@ class OptimConfig:
                             f"{'s' if groups != 1 else ''}: give {groups} value"
                             f"{'s' if groups != 1 else ''}, or none")
 
-    def build(self, model: torch.nn.Module, layer_groups=None) -> torch.optim.Optimizer:
+    def build(self, model: torch.nn.Module, layer_groups=None,
+              total_steps: int = 0) -> torch.optim.Optimizer:
+        """The optimizer of ``model`` for a run of ``total_steps`` (``warmup_pct``'s base)."""
         groups = optim_lib.param_groups(model, self.wd, no_decay_bias_norm=self.no_decay_bias_norm,
                                         layer_groups=layer_groups, lr_mults=self.lr_mults,
                                         muon=self.name == "muon")
         return optim_lib.build_optimizer(groups, self.name, self.lr, betas=self.betas, eps=self.eps,
                                          weight_decay=self.wd, amsgrad=self.amsgrad,
                                          momentum=self.momentum, nesterov=self.nesterov,
-                                         impl=self.impl, warmup_steps=self.warmup_steps,
+                                         impl=self.impl, warmup_steps=self.warmup_steps
+                                         or round(self.warmup_pct * total_steps),
                                          muon_adjust_lr=self.muon_adjust_lr)
 
 
