@@ -66,8 +66,8 @@ def check_stages(stages: list[Stage], layer_groups: int) -> None:
         if stage.optim.name == "schedulefree-adamw" and (
                 stage.schedule.shape != "constant" or len(stages) > 1):
             raise UserError("schedulefree-adamw has no schedule but its own warm-up "
-                            "(--optim.warmup-steps or -pct): run it with --schedule.shape constant, in "
-                            f"one stage (this run: shape {stage.schedule.shape}, "
+                            "(--optim.warmup-steps or -pct): run it with --schedule.shape "
+                            f"constant, in one stage (this run: shape {stage.schedule.shape}, "
                             f"{len(stages)} stage{'s' if len(stages) > 1 else ''})")
         bad = [g for g in stage.train_groups or () if not 0 <= g < layer_groups]
         if bad or stage.train_groups == ():

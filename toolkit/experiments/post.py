@@ -18,9 +18,14 @@ MAIN_METRICS = ("valid_accuracy", "valid_ppl", "valid_loss")
 """The metric compared unless one is asked for: the first of these the runs have."""
 
 
+NAMES = {**OPTIMIZERS, "schedulefree-adamw": "Schedule-free AdamW", "muon": "Muon"}
+"""``optim.name`` -> its name in tables: the post's, and today's contenders'."""
+
+
 def optimizer_name(name: str) -> str:
-    """The post's name of ``optim.name`` ``name``; another optimizer's in upper case (SGD)."""
-    return OPTIMIZERS.get(name, str(name).upper())
+    """The name of ``optim.name`` ``name`` in tables (:data:`NAMES`); another optimizer's
+    in upper case (SGD)."""
+    return NAMES.get(name, str(name).upper())
 
 
 def default_metric(keys: Iterable[str]) -> str | None:

@@ -134,7 +134,9 @@ def _order(v) -> tuple:
 
 
 def _optimizer(run: RunDir) -> str:
-    return optimizer_name(run.config.get("optim.name"))
+    """The row's name: the optimizer's, and its schedule's where that is not the post's."""
+    name, shape = optimizer_name(run.config.get("optim.name")), run.config.get("schedule.shape")
+    return name if shape in (None, "post") else f"{name} + {shape}"
 
 
 def split_fields(runs: list[RunDir]) -> tuple[list[str], list[str]]:
@@ -143,7 +145,7 @@ def split_fields(runs: list[RunDir]) -> tuple[list[str], list[str]]:
     row) and the others (a table per combination of their values)."""
     trained = [r for r in runs if r.config]
     fields = sorted({k for r in trained for k in r.config} - RUN_LOCAL
-                    - {"optim.name", "optim.amsgrad"})
+                    - {"optim.name", "optim.amsgrad", "schedule.shape"})
     values = lambda k, rs: {_value(r.config.get(k)) for r in rs}
     varying = [k for k in fields if len(values(k, trained)) > 1]
     rows = [[r for r in trained if _optimizer(r) == o] for o in {_optimizer(r) for r in trained}]

@@ -7,7 +7,9 @@
         --sbatch-args="-p gpu --gres=gpu:1 --ntasks-per-node=1" -- --data-dir /shared/cifar10
 
 The cells are the product of the post's grid (``--grid post``: Adam with L2 / AdamW x
-AMSGrad off / on), every ``--vary FIELD=V1,V2,...`` and the seeds; a cell's folder is named
+AMSGrad off / on), every ``--vary FIELD=V1,V2,...`` and the seeds, or today's contenders
+tuned on ``--lrs`` then run for every seed (``--grid contenders``:
+:mod:`toolkit.experiments.contenders`); a cell's folder is named
 after its values (``adamw-amsgrad-wd0.001-seed1``). Arguments after ``--`` go to every cell.
 
 Cells run one after another here (``--launcher python``, ``torchrun``, ``accelerate`` or
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.errors import UserError
+from toolkit.experiments import contenders, report
 from toolkit.experiments.post import OPTIMIZERS
 from toolkit.run_folder import FINISHED, NEW, RunFolder
 
@@ -80,7 +83,7 @@ def cells(grid: str | None, seeds: list[int], vary: list[str], adam_l2_args: str
     if grid == "post":
         axes.append(post_grid(adam_l2_args, adamw_args))
     elif grid is not None:
-        raise UserError(f"--grid {grid!r} is unknown; choose post (or omit it)")
+        raise UserError(f"--grid {grid!r} is unknown; choose post or contenders (or omit it)")
     for spec in vary:
         field, values = parse_vary(spec)
         short = field.rsplit(".", 1)[-1].replace("_", "-")
@@ -173,8 +176,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="toolkit sweep", description=__doc__.splitlines()[0])
     p.add_argument("recipe", help="the recipe file, e.g. recipes/digits.py")
     p.add_argument("--out", required=True, help="the sweep folder (one run folder per cell)")
-    p.add_argument("--grid", choices=["post"],
-                   help=f"post: {' / '.join(OPTIMIZERS.values())} x AMSGrad off / on")
+    p.add_argument("--grid", choices=["post", "contenders"],
+                   help=f"post: {' / '.join(OPTIMIZERS.values())} x AMSGrad off / on; "
+                   f"contenders: {', '.join(contenders.CONTENDERS)}, each at its best of --lrs")
+    p.add_argument("--lrs", help="--grid contenders: the learning rates each contender is tuned "
+                   "on (first seed), e.g. 1e-3,3e-3,1e-2")
+    p.add_argument("--tune-args", default="", help="--grid contenders: flags of the tuning runs "
+                   "only (e.g. a validation split of the training data)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--vary", action="append", default=[], metavar="FIELD=V1,V2",
                    help="a config field and its values (repeatable), e.g. optim.wd=1e-4,1e-3")
@@ -189,6 +197,43 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm", action="store_true", help="submit a Slurm job array instead")
     p.add_argument("--sbatch-args", default="", help="extra sbatch flags with --slurm")
     return p
+
+
+def run_contenders(recipe: Path, out: Path, common: list[str],
+                   ns: argparse.Namespace) -> dict | None:
+    """Tune each contender on ``--lrs``, then run every seed at its lr, and report those runs
+    (``out/report/``); the summary, or None when Slurm jobs were submitted (submit again once
+    the tuning array is done: it submits the seeds)."""
+    if ns.vary:
+        raise UserError("--grid contenders takes no --vary: its cells are the contenders x "
+                        "--lrs, then the seeds at each one's lr")
+    lrs = contenders.parse_lrs(ns.lrs)
+    if len(set(ns.seeds)) != len(ns.seeds):
+        raise UserError(f"--seeds {ns.seeds} names a seed twice")
+    tune = [SweepCell(*c) for c in contenders.tuning(lrs, ns.seeds[0], ns.tune_args)]
+    tuned = all(RunFolder(out / c.name).status() == FINISHED for c in tune)
+    if ns.slurm and not tuned:
+        job = submit_slurm(recipe, out, tune, common, ns.sbatch_args)
+        print(f"submitted job array {job}: the {len(tune)} tuning runs into {out}; when they "
+              "are done, submit the same command again to run the seeds at each one's lr")
+        return None
+    local = dict(launcher=ns.launcher, nproc=ns.nproc, config=ns.config_file)
+    summary = {} if tuned else run_local(recipe, out, tune, common, **local)
+    chosen = contenders.choose(out, lrs, ns.seeds[0], ns.tune_args)
+    print("each contender's lr: " + ", ".join(f"{n} {lr}" for n, lr in chosen.items()) +
+          f" ({out / 'contenders.json'})", flush=True)
+    runs = [SweepCell(*c) for c in contenders.final(chosen, ns.seeds)]
+    if ns.slurm:
+        job = submit_slurm(recipe, out, runs, common, ns.sbatch_args)
+        print(f"submitted job array {job}: {len(runs)} runs at the chosen lrs into {out}")
+        return None
+    summary.update(run_local(recipe, out, runs, common, **local))
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    finished = [out / c.name for c in runs if RunFolder(out / c.name).status() == FINISHED]
+    if finished:
+        print(f"report of the runs at the chosen lrs: "
+              f"{report.report(report.load_runs(finished), out / 'report')}", flush=True)
+    return summary
 
 
 def split_common(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -207,15 +252,20 @@ def main(argv: list[str]) -> None:
         raise UserError(f"recipe {recipe} is not a file (e.g. recipes/digits.py)")
     if ns.nproc < 1:
         raise UserError(f"--nproc {ns.nproc} must be >= 1")
-    grid = cells(ns.grid, ns.seeds, ns.vary, ns.adam_l2_args, ns.adamw_args)
     out = Path(ns.out)
-    if ns.slurm:
-        job = submit_slurm(recipe, out, grid, common, ns.sbatch_args)
-        print(f"submitted job array {job}: {len(grid)} cells into {out} "
-              f"(squeue -j {job}; re-submit to run what is missing)")
-        return
-    summary = run_local(recipe, out, grid, common, launcher=ns.launcher, nproc=ns.nproc,
-                        config=ns.config_file)
+    if ns.grid == "contenders":
+        summary = run_contenders(recipe, out, common, ns)
+        if summary is None:
+            return
+    else:
+        grid = cells(ns.grid, ns.seeds, ns.vary, ns.adam_l2_args, ns.adamw_args)
+        if ns.slurm:
+            job = submit_slurm(recipe, out, grid, common, ns.sbatch_args)
+            print(f"submitted job array {job}: {len(grid)} cells into {out} "
+                  f"(squeue -j {job}; re-submit to run what is missing)")
+            return
+        summary = run_local(recipe, out, grid, common, launcher=ns.launcher, nproc=ns.nproc,
+                            config=ns.config_file)
     failed = [name for name, s in summary.items() if s["status"] == "failed"]
     done = len(summary) - len(failed)
     print(f"sweep {out}: {done} of {len(summary)} cells finished"
