@@ -41,7 +41,7 @@ from torch import nn
 
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
-from toolkit.data.cifar import device_data, load_cifar10
+from toolkit.data.cifar import device_data, hold_out, load_cifar10
 from toolkit.tta import accuracy_line, tta_evaluation
 from toolkit.models.resnet9 import ResNet9
 from toolkit.models.wrn import wrn_22
@@ -66,6 +66,9 @@ class Config:
     """Test-time augmentation at the end (results: plain, tta and tta_fixed accuracies)."""
     channels_last: bool = False
     """Images and model in channels-last memory format (faster convolutions on GPUs)."""
+    holdout: int = 0
+    """Evaluate on this many training images (a fixed draw, not trained on) instead of the
+    test set: a validation split to tune on (5000 = 10%)."""
     data_dir: str | None = None
     """CIFAR-10 folder: cifar-10-batches-bin (.bin or .bin.gz) or cifar-10-batches-py;
     default: Hugging Face uoft-cs/cifar10."""
@@ -99,6 +102,8 @@ def build_model(name: str, width: int) -> nn.Module:
 
 def build(cfg: Config) -> Run:
     data = load_cifar10(cfg.data_dir)  # a missing folder is a one-line UserError
+    if cfg.holdout:
+        data = hold_out(data, cfg.holdout)
     train_set, test_set = device_data(data, seed=cfg.train.seed,
                                       channels_last=cfg.channels_last)
     model = build_model(cfg.model, cfg.width)

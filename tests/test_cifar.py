@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from toolkit.data.cifar import (
+    hold_out,
     CLASSES,
+    Cifar10,
     PadCropFlip,
     channel_stats,
     device_data,
@@ -244,6 +246,22 @@ def test_real_data_through_device_data(real):
 
 
 # ---- statistics and augmentation ------------------------------------------------------------
+def test_a_holdout_is_training_images_kept_out_of_training():
+    n = 50
+    data = Cifar10(torch.arange(n).view(n, 1, 1, 1).expand(n, 3, 32, 32).to(torch.uint8),
+                   torch.arange(n) % 10, torch.zeros(4, 3, 32, 32, dtype=torch.uint8),
+                   torch.zeros(4, dtype=torch.long), tuple("abcdefghij"))
+    split = hold_out(data, 10)
+    valid, train = split.test_x[:, 0, 0, 0].tolist(), split.train_x[:, 0, 0, 0].tolist()
+    assert len(valid) == 10 and len(train) == 40 and sorted(valid + train) == list(range(n))
+    assert split.test_y.tolist() == [v % 10 for v in valid]  # labels travel with images
+    assert hold_out(data, 10).test_x.equal(split.test_x)  # one fixed draw
+    assert valid != list(range(10)) and valid != list(range(40, 50))  # a draw, not a slice
+    for bad in (0, 50):
+        with pytest.raises(UserError, match=f"--holdout {bad} must be between 1 and 49"):
+            hold_out(data, bad)
+
+
 def test_channel_stats_and_normalize_give_zero_mean_unit_std():
     x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
     x[:, 1] //= 3  # channels with other statistics

@@ -357,6 +357,19 @@ class PadCropFlip:
         return (out, *rest)
 
 
+def hold_out(data: Cifar10, n: int) -> Cifar10:
+    """``n`` training images as the evaluation set and the others to train on: a validation
+    split to tune on without looking at the test set. The same ``n`` images whatever the
+    run's seed (a fixed draw), so every tuning run is scored on the same ones."""
+    if not 0 < n < len(data.train_y):
+        raise UserError(f"--holdout {n} must be between 1 and {len(data.train_y) - 1} (the "
+                        "training images to evaluate on instead of the test set)")
+    order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))
+    valid, train = order[:n].sort().values, order[n:].sort().values
+    return data._replace(train_x=data.train_x[train], train_y=data.train_y[train],
+                         test_x=data.train_x[valid], test_y=data.train_y[valid])
+
+
 def device_data(data: Cifar10, *, seed: int = 0, channels_last: bool = False,
                 **augment: object) -> tuple[DeviceTensors, DeviceTensors]:
     """Training and test sets for the trainer: the training images stay uint8 on the device
