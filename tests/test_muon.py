@@ -25,7 +25,7 @@ MUON = ["--optim.name", "muon"]
 
 class Net(nn.Module):
     """Every kind of parameter: an embedding, conv filters, a hidden matrix, norms, biases,
-    an output layer."""
+    an output layer, an adaptive softmax (whose matrices are output layers too)."""
 
     def __init__(self):
         super().__init__()
@@ -33,6 +33,7 @@ class Net(nn.Module):
         self.conv = nn.Conv2d(2, 6, 3)
         self.norm = nn.BatchNorm2d(6)
         self.hidden = nn.Linear(6, 12)
+        self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(12, 30, [10], div_value=2.0)
         self.out = nn.Linear(12, 5)
 
 

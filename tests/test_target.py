@@ -97,6 +97,32 @@ def test_the_report_has_a_time_to_target_table(whole, tmp_path):
     assert f"{t['epoch']:.4g} (n=1)" in text
 
 
+def test_the_report_finds_a_target_chosen_afterwards_in_the_logged_evaluations(whole, tmp_path):
+    """``toolkit report --target``: the evaluation --target recorded online, found again in
+    metrics.jsonl (whose evaluation rows carry the training seconds), and any other value."""
+    from test_report import tables
+    from toolkit.experiments import report
+
+    def row(target: str) -> dict:
+        out = tmp_path / target
+        report.main([str(whole), "--out", str(out), "--target", target])
+        return tables((out / "report.md").read_text())["All runs / Time to target"][0]
+
+    online = results(whole)["target"]
+    same = row("valid_accuracy=0.55")
+    assert same["reached"] == "1 of 1" and same["target"] == "valid_accuracy >= 0.55"
+    assert same["epochs to target"] == f"{online['epoch']:.4g} (n=1)"
+    assert float(same["seconds to target"].split()[0]) == pytest.approx(
+        online["train_seconds"], abs=0.05)
+    later = next(r for r in evals(whole) if r["valid_accuracy"] >= 0.62)
+    assert row("valid_accuracy=0.62")["epochs to target"] == f"{later['epoch']:.4g} (n=1)"
+    assert row("valid_loss=0.01")["reached"] == "0 of 1"
+    seconds = [r["train_seconds"] for r in evals(whole)]
+    assert seconds == sorted(seconds) and seconds[-1] <= results(whole)["train_seconds"]
+    with pytest.raises(UserError, match="--target='accuracy=2' must be METRIC=VALUE"):
+        report.main([str(whole), "--out", str(tmp_path / "bad"), "--target", "accuracy=2"])
+
+
 def test_directions_and_bad_input():
     assert higher_is_better("valid_accuracy") and not higher_is_better("valid_ppl")
     assert Target.parse("valid_ppl=70").reached({"valid_ppl": 69.9})

@@ -6,7 +6,7 @@ The layers, each importing only its own and those above it in this list
 - **Base**: :mod:`~toolkit.errors` (one-line errors), :mod:`~toolkit.atomic` (whole-file
   writes).
 - **Math and models**: :mod:`~toolkit.optim` (Adam-L2, AdamW, AMSGrad, SGD, schedule-free
-  AdamW), :mod:`~toolkit.schedule` (1cycle and today's shapes, pure functions of the step),
+  AdamW, Muon), :mod:`~toolkit.schedule` (1cycle and today's shapes, pure functions of the step),
   :mod:`~toolkit.target` (time to target), :mod:`~toolkit.batchnorm`, :mod:`toolkit.models`,
   :mod:`toolkit.parallel.base` (what a strategy is).
 - **Parallel**: :mod:`toolkit.parallel` (``ddp``, ``zero``: DeepSpeed, ``fsdp2``),
@@ -23,7 +23,8 @@ The layers, each importing only its own and those above it in this list
   cache pointer), built on the engine.
 - **Entry**: :mod:`~toolkit.recipe` (a recipe's one ``main``: parse, seed, build, train,
   exit codes), :mod:`~toolkit.evaluate` (``toolkit evaluate``).
-- **Experiments**: :mod:`toolkit.experiments` (sweep, report, wd-find, plot, memory): tools
+- **Experiments**: :mod:`toolkit.experiments` (sweep, contenders, report, wd-find, plot,
+  memory): tools
   over run folders that launch recipes as programs.
 - :mod:`~toolkit.cli`: the ``toolkit`` command.
 

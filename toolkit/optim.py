@@ -50,10 +50,12 @@ def no_decay_names(model: nn.Module) -> set[str]:
 def hidden_matrices(model: nn.Module) -> set[str]:
     """Names of the weights Muon orthogonalizes (``--optim.name muon``): every parameter of
     2 or more dimensions but embeddings and the output layer (the model's last
-    ``nn.Linear``), which stay with AdamW as biases and norms do: the split of Keller
-    Jordan's Muon, modded-nanogpt and torch's Muon docs. A conv's filters count as one
-    out x (in * kh * kw) matrix, as in airbench94_muon."""
+    ``nn.Linear``, or all of an adaptive softmax), which stay with AdamW as biases and norms
+    do: the split of Keller Jordan's Muon, modded-nanogpt and torch's Muon docs. A conv's
+    filters count as one out x (in * kh * kw) matrix, as in airbench94_muon."""
     kept = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    kept |= {id(p) for m in model.modules() if isinstance(m, nn.AdaptiveLogSoftmaxWithLoss)
+             for p in m.parameters()}
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if linears:
         kept.add(id(linears[-1].weight))

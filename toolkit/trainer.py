@@ -295,7 +295,8 @@ class Trainer:
         if (due or last) and (evaluated := self.evaluate()):
             self.metrics.update(evaluated)
             self.clock.check(evaluated, self.step, epoch)
-            self.log({"step": self.step, "stage": schedule["stage"], "epoch": epoch, **evaluated})
+            self.log({"step": self.step, "stage": schedule["stage"], "epoch": epoch, **evaluated,
+                      "train_seconds": round(self.clock.now(), 2)})  # time to any target
             if self.is_main:
                 self._bar.write(f"step {self.step}: " + " ".join(
                     f"{k} {v:.4f}" for k, v in evaluated.items()))

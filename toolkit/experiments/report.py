@@ -30,6 +30,7 @@ from toolkit.errors import UserError
 from toolkit.experiments.post import (MAIN_METRICS, OPTIMIZERS, default_metric, higher_is_better,
                           optimizer_name)
 from toolkit.run_folder import FINISHED, RunFolder
+from toolkit.target import Target
 
 # Where and how a run ran, not what it trained: never a reason to tell runs apart.
 RUN_LOCAL = {"train.output_dir", "train.seed", "train.resume", "train.progress",
@@ -230,14 +231,27 @@ def targets(runs: list[RunDir]) -> dict[str, float]:
     return {t["metric"]: t["value"] for r in runs if r.results and (t := r.results.get("target"))}
 
 
-def target_table(groups: dict[TableCell, list[RunDir]]) -> tuple[list[str], list[list[str]]]:
+def reach(run: RunDir, target: Target) -> dict:
+    """What ``--target`` records, read from the run's logged evaluations instead: the first
+    that reaches ``target``, its epoch and training seconds (None: logged before they were)."""
+    for row in run.rows:
+        if target.metric in row and target.reached(row):
+            return {"metric": target.metric, "value": target.value, "reached": True,
+                    "epoch": row["epoch"], "train_seconds": row.get("train_seconds")}
+    return {"metric": target.metric, "value": target.value, "reached": False}
+
+
+def target_table(groups: dict[TableCell, list[RunDir]], target: Target | None = None
+                 ) -> tuple[list[str], list[list[str]]]:
     """Time to target, the post's measure: per cell, how many finished runs reached their
-    target, and the epochs and training seconds it took those that did."""
+    target (``target``, else each run's own ``--target``), and the epochs and training
+    seconds it took those that did."""
     header = ["cell", "target", "reached", "epochs to target", "seconds to target"]
     rows = []
     for cell, runs in groups.items():
-        got = [r.results["target"] for r in runs if r.status == FINISHED
-               and "target" in (r.results or {})]
+        done = [r for r in runs if r.status == FINISHED]
+        got = [reach(r, target) for r in done] if target else \
+            [r.results["target"] for r in done if "target" in r.results]
         if not got:
             continue
         hit = [t for t in got if t["reached"]]
@@ -245,7 +259,8 @@ def target_table(groups: dict[TableCell, list[RunDir]]) -> tuple[list[str], list
                        f"{t['value']:g}" for t in got})
         rows.append([cell.label, "; ".join(aims), f"{len(hit)} of {len(got)}",
                      mean_std([t["epoch"] for t in hit]),
-                     mean_std([t["train_seconds"] for t in hit])])
+                     mean_std([t["train_seconds"] for t in hit])
+                     if all(t["train_seconds"] is not None for t in hit) else "-"])
     return header, rows
 
 
@@ -292,18 +307,21 @@ def _unfinished(groups: dict[TableCell, list[RunDir]]) -> list[str]:
 
 
 def report(runs: list[RunDir], out: Path, metric: str | None = None,
-           wall_time: bool = True) -> Path:
-    """Write ``out/report.md``, ``out/report.html`` and their PNGs; return report.md's path."""
+           wall_time: bool = True, target: Target | None = None) -> Path:
+    """Write ``out/report.md``, ``out/report.html`` and their PNGs; return report.md's path.
+    ``target``: time to it from each run's logged evaluations (else each run's own)."""
     key = main_metric(runs, metric)  # a bad --metric before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    blocks = [("h1", f"Report of {len(runs)} runs"), *result_blocks(runs, key, wall_time),
-              *curve_blocks(runs, key, out), *lr_find_blocks(runs, out)]
+    blocks = [("h1", f"Report of {len(runs)} runs"),
+              *result_blocks(runs, key, wall_time, target),
+              *curve_blocks(runs, key, out, target), *lr_find_blocks(runs, out)]
     (out / "report.md").write_text(to_markdown(blocks))
     (out / "report.html").write_text(to_html(blocks))
     return out / "report.md"
 
 
-def result_blocks(runs: list[RunDir], key: str | None, wall_time: bool = True) -> Blocks:
+def result_blocks(runs: list[RunDir], key: str | None, wall_time: bool = True,
+                  target: Target | None = None) -> Blocks:
     """Per table: the post's table of ``key`` and of each of :data:`EXTRA_METRICS` the
     runs have, then the runs table and the unfinished runs."""
     groups = cells(runs)
@@ -325,13 +343,14 @@ def result_blocks(runs: list[RunDir], key: str | None, wall_time: bool = True) -
         for k in [key] + [m for m in EXTRA_METRICS if m != key and any(m in d for d in done)]:
             blocks += [("h3", k), ("table", post_table(part, k))]
         blocks += [("h3", "Runs"), ("table", runs_table(part, key, wall_time))]
-        if (reach := target_table(part))[1]:
-            blocks += [("h3", "Time to target"), ("table", reach)]
+        if (reached := target_table(part, target))[1]:
+            blocks += [("h3", "Time to target"), ("table", reached)]
         blocks.append(("ul", _unfinished(part)))
     return blocks
 
 
-def curve_blocks(runs: list[RunDir], key: str | None, out: Path) -> Blocks:
+def curve_blocks(runs: list[RunDir], key: str | None, out: Path,
+                 target: Target | None = None) -> Blocks:
     """Training loss, ``key`` and the schedule (lr, beta1 or momentum) against the step."""
     if not cells(runs) or key is None:
         return []
@@ -343,7 +362,7 @@ def curve_blocks(runs: list[RunDir], key: str | None, out: Path) -> Blocks:
                                  ("beta1 / momentum", mom)], False,
                 "lr and beta1 of one run per cell")]
     blocks: Blocks = [("h2", "Curves")]
-    target = targets(runs).get(key)
+    target = target.value if target and target.metric == key else targets(runs).get(key)
     for name, panels, markers, alt in figures:
         # A metric only results.json has (tta_accuracy) has no curve to draw.
         if all(any(steps for lines in data.values() for _, steps, _ in lines)
@@ -425,7 +444,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", default="report", help="folder to write to (default report/)")
     parser.add_argument("--metric", help="results.json key of the table (default: "
                         f"the first present of {', '.join(MAIN_METRICS)})")
+    parser.add_argument("--target", metavar="METRIC=VALUE", help="time to this target from "
+                        "each run's logged evaluations (default: each run's own --target)")
     parser.add_argument("--no-wall-time", action="store_true",
                         help="leave out the wall time, the one thing two equal runs differ in")
     ns = parser.parse_args(argv)
-    print(report(load_runs(ns.run_dirs), Path(ns.out), ns.metric, not ns.no_wall_time))
+    try:
+        target = Target.parse(ns.target) if ns.target else None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(report(load_runs(ns.run_dirs), Path(ns.out), ns.metric, not ns.no_wall_time, target))
