@@ -17,6 +17,7 @@ from toolkit.errors import UserError
 from toolkit.experiments import contenders
 
 LRS = ["1e-3", "3e-3", "1e-2"]
+GRIDS = {name: LRS for name in contenders.CONTENDERS}
 
 
 def fake_tuning(out, metric, values):
@@ -34,7 +35,7 @@ def test_each_contender_takes_its_best_lr(tmp_path):
               "adamw-wsd": (0.2, None, 0.3), "schedulefree": (math.nan, 0.4, None),
               "muon": (0.6, 0.6, 0.61)}
     fake_tuning(tmp_path, "valid_accuracy", values)
-    chosen = contenders.choose(tmp_path, LRS, 0)
+    chosen = contenders.choose(tmp_path, GRIDS, 0)
     assert chosen == {"adamw-post": "3e-3", "adamw-fastai": "1e-3", "adamw-wsd": "1e-2",
                       "schedulefree": "3e-3", "muon": "1e-2"}
     table = json.loads((tmp_path / "contenders.json").read_text())
@@ -43,20 +44,30 @@ def test_each_contender_takes_its_best_lr(tmp_path):
                              "by_lr": {"1e-3": 0.6, "3e-3": 0.6, "1e-2": 0.61}}
 
 
+def test_a_grid_grows_past_an_edge_that_won():
+    grids = {"a": ["1e-3", "3e-3"], "b": ["1e-3", "3e-3", "1e-2"], "c": ["1e-3", "3e-3"],
+             "d": ["5e-3"]}
+    assert contenders.extend(grids, {"a": "3e-3", "b": "3e-3", "c": "1e-3", "d": "5e-3"})
+    assert grids == {"a": ["1e-3", "3e-3", "0.009"], "b": ["1e-3", "3e-3", "1e-2"],
+                     "c": ["0.000333", "1e-3", "3e-3"], "d": ["5e-3"]}
+    assert not contenders.extend(grids, {"b": "3e-3", "d": "5e-3"})
+
+
 def test_perplexity_is_lower_is_better(tmp_path):
     fake_tuning(tmp_path, "valid_ppl", {name: (150.0, 120.0, 300.0)
                                         for name in contenders.CONTENDERS})
-    assert set(contenders.choose(tmp_path, LRS, 0).values()) == {"3e-3"}
+    assert set(contenders.choose(tmp_path, GRIDS, 0).values()) == {"3e-3"}
 
 
 def test_a_contender_without_a_finished_run_is_one_line(tmp_path):
     values = {name: (0.5, 0.6, 0.7) for name in contenders.CONTENDERS}
     fake_tuning(tmp_path, "valid_accuracy", {**values, "muon": (None, None, None)})
     with pytest.raises(UserError, match="contender muon: no tuning run finished"):
-        contenders.choose(tmp_path, LRS, 0)
+        contenders.choose(tmp_path, GRIDS, 0)
 
 
-@pytest.mark.parametrize("lrs", [None, "", "1e-3,x", "1e-3,-1", "1e-3,1e-3", "inf"])
+@pytest.mark.parametrize("lrs", [None, "", "1e-3,x", "1e-3,-1", "1e-3,1e-3", "inf",
+                                 "1e-3,0.001"])
 def test_bad_lrs_are_one_line(lrs):
     with pytest.raises(UserError, match="--lrs"):
         contenders.parse_lrs(lrs)

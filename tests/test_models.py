@@ -5,7 +5,10 @@ steps. The ``gpu`` tests check the cuDNN and Triton paths on a CUDA device."""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -27,6 +30,7 @@ from toolkit.lm import (
     repackage_hidden,
     temporal_activation_reg,
 )
+from conftest import ROOT, env
 from toolkit.lm import qrnn as qrnn_module
 
 MODELS = [AWDLSTM, AWDQRNN]
@@ -302,6 +306,47 @@ def test_a_few_adam_steps_learn_a_toy_sequence(cls):
         opt.step()
     after = eval_loss()
     assert before > 0.8 * math.log(vocab) and after < 0.3 * before, (before, after)
+
+
+# The fused kernel without a GPU: Triton's interpreter runs it on CPU tensors. It reads
+# TRITON_INTERPRET when triton.jit decorates the kernel, so it runs in a fresh process.
+INTERPRETED = """
+import json, torch
+from toolkit.lm.qrnn import forget_mult_reference, forget_mult_triton, triton_available
+rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+torch.manual_seed(0)
+out = {}
+for T, B, H, strided in [(1, 1, 1, False), (9, 3, 50, False), (5, 2, 300, False),
+                         (6, 4, 33, True)]:
+    f, z = torch.rand(T, B, H, dtype=torch.float64), torch.randn(T, B, H, dtype=torch.float64)
+    if strided:  # non-contiguous views, as a transposed gate tensor would be
+        f = torch.rand(T, H, B, dtype=torch.float64).transpose(1, 2)
+        z = torch.randn(T, H, B, dtype=torch.float64).transpose(1, 2)
+    c0 = torch.randn(B, H, dtype=torch.float64)
+    ref_in = [t.clone().requires_grad_() for t in (f, z, c0)]
+    low_in = [t.float().requires_grad_() for t in (f, z, c0)]
+    assert triton_available(low_in[1]) and not low_in[1].is_cuda
+    ref, got = forget_mult_reference(*ref_in), forget_mult_triton(*low_in)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * g).sum(), ref_in)
+    have = torch.autograd.grad((got * g.float()).sum(), low_in)
+    out[f"{T}x{B}x{H}" + "-strided" * strided] = [rel(got, ref)] + [
+        rel(a, b) for a, b in zip(have, want)]
+print(json.dumps(out))
+"""
+
+
+def test_forget_mult_triton_kernel_under_the_interpreter_matches_float64_reference():
+    """Forward, and the gradients of f, z and c0, of the fused kernel (float32) against the
+    float64 autograd reference: a length-1 sequence, several 128-channel blocks with a
+    partial one, non-contiguous inputs."""
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=ROOT, capture_output=True,
+                          text=True, env=env(TRITON_INTERPRET="1"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(errors) == {"1x1x1", "9x3x50", "5x2x300", "6x4x33-strided"}
+    for case, (out, gf, gz, gc0) in errors.items():
+        assert max(out, gf, gz, gc0) < 1e-6, (case, out, gf, gz, gc0)  # float32 rounding
 
 
 # --- CUDA: cuDNN and Triton paths ------------------------------------------------------

@@ -10,7 +10,9 @@
 A badly tuned optimizer loses for the wrong reason (the post's lesson): each contender first
 runs at every lr of ``--lrs`` with the first seed (plus ``--tune-args``, e.g. a validation
 split of the training data), and the lr whose run ends best on the main metric (valid
-accuracy, or perplexity; a diverged run is worst) is its own. Then every seed runs at it; a
+accuracy, or perplexity; a diverged run is worst) is its own; one that wins at an end of its
+grid is run one grid step further that way (``--extend`` times at most), so the grid's edge
+does not choose for it. Then every seed runs at its lr; a
 tuning run at the chosen lr counts as its seed's when ``--tune-args`` is empty. Folders are
 ``<contender>-lr<LR>-seed<S>`` (tuning ones ``tune-...``), ``OUT/contenders.json`` holds
 every lr's metric and the choice, ``OUT/report/`` the report of the chosen runs (final
@@ -47,10 +49,10 @@ def parse_lrs(text: str | None) -> list[str]:
         ok = bool(lrs) and all(0 < float(v) < math.inf for v in lrs)
     except ValueError:
         ok = False
-    if not ok or len(set(lrs)) != len(lrs):
+    if not ok or len(set(map(float, lrs))) != len(lrs):
         raise UserError(f"--lrs {text!r}: --grid contenders tunes each contender on a grid of "
                         "distinct learning rates > 0, e.g. --lrs 1e-3,3e-3,1e-2")
-    return lrs
+    return sorted(lrs, key=float)
 
 
 def cell(name: str, lr: str, seed: int, tune_args: str = "") -> tuple[str, tuple[str, ...]]:
@@ -61,8 +63,26 @@ def cell(name: str, lr: str, seed: int, tune_args: str = "") -> tuple[str, tuple
              *shlex.split(tune_args)))
 
 
-def tuning(lrs: list[str], seed: int, tune_args: str = "") -> list[tuple[str, tuple[str, ...]]]:
-    return [cell(name, lr, seed, tune_args) for name in CONTENDERS for lr in lrs]
+def tuning(grids: dict[str, list[str]], seed: int, tune_args: str = ""
+           ) -> list[tuple[str, tuple[str, ...]]]:
+    """The tuning runs of each contender's lr grid."""
+    return [cell(name, lr, seed, tune_args) for name, lrs in grids.items() for lr in lrs]
+
+
+def extend(grids: dict[str, list[str]], chosen: dict[str, str]) -> bool:
+    """One grid step further (the ratio of its two outer lrs) past each contender's lr that
+    won at an end of its grid; whether any grid grew."""
+    grew = False
+    for name, lr in chosen.items():
+        lrs = grids[name]
+        if len(lrs) < 2 or lr not in (lrs[0], lrs[-1]):
+            continue
+        if lr == lrs[-1]:
+            lrs.append(f"{float(lr) * float(lrs[-1]) / float(lrs[-2]):.3g}")
+        else:
+            lrs.insert(0, f"{float(lr) * float(lrs[0]) / float(lrs[1]):.3g}")
+        grew = True
+    return grew
 
 
 def final(chosen: dict[str, str], seeds: list[int]) -> list[tuple[str, tuple[str, ...]]]:
@@ -79,12 +99,13 @@ def score(folder: Path) -> tuple[str | None, float | None]:
     return key, (None if key is None else results[key])
 
 
-def choose(out: Path, lrs: list[str], seed: int, tune_args: str = "") -> dict[str, str]:
+def choose(out: Path, grids: dict[str, list[str]], seed: int, tune_args: str = ""
+           ) -> dict[str, str]:
     """Each contender's lr: the best main metric among its tuning runs (one that did not
     finish, or ended at NaN, is worst), written with every run's metric to
     ``out/contenders.json``."""
     table, chosen = {}, {}
-    for name in CONTENDERS:
+    for name, lrs in grids.items():
         scores = {lr: score(out / cell(name, lr, seed, tune_args)[0]) for lr in lrs}
         keys = {k for k, _ in scores.values() if k}
         if not keys:

@@ -181,6 +181,8 @@ def parser() -> argparse.ArgumentParser:
                    f"contenders: {', '.join(contenders.CONTENDERS)}, each at its best of --lrs")
     p.add_argument("--lrs", help="--grid contenders: the learning rates each contender is tuned "
                    "on (first seed), e.g. 1e-3,3e-3,1e-2")
+    p.add_argument("--extend", type=int, default=2, help="--grid contenders: grid steps "
+                   "added past an lr that wins at an end of the grid, at most (default 2)")
     p.add_argument("--tune-args", default="", help="--grid contenders: flags of the tuning runs "
                    "only (e.g. a validation split of the training data)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -210,16 +212,26 @@ def run_contenders(recipe: Path, out: Path, common: list[str],
     lrs = contenders.parse_lrs(ns.lrs)
     if len(set(ns.seeds)) != len(ns.seeds):
         raise UserError(f"--seeds {ns.seeds} names a seed twice")
-    tune = [SweepCell(*c) for c in contenders.tuning(lrs, ns.seeds[0], ns.tune_args)]
-    tuned = all(RunFolder(out / c.name).status() == FINISHED for c in tune)
-    if ns.slurm and not tuned:
-        job = submit_slurm(recipe, out, tune, common, ns.sbatch_args)
-        print(f"submitted job array {job}: the {len(tune)} tuning runs into {out}; when they "
-              "are done, submit the same command again to run the seeds at each one's lr")
-        return None
+    if ns.extend < 0:
+        raise UserError(f"--extend {ns.extend} must be >= 0")
+    grids = {name: list(lrs) for name in contenders.CONTENDERS}
     local = dict(launcher=ns.launcher, nproc=ns.nproc, config=ns.config_file)
-    summary = {} if tuned else run_local(recipe, out, tune, common, **local)
-    chosen = contenders.choose(out, lrs, ns.seeds[0], ns.tune_args)
+    summary: dict = {}
+    for extended in range(ns.extend + 1):
+        tune = [SweepCell(*c) for c in contenders.tuning(grids, ns.seeds[0], ns.tune_args)]
+        todo = [c for c in tune if c.name not in summary
+                and RunFolder(out / c.name).status() != FINISHED]  # a failed run: once
+        if todo:
+            if ns.slurm:
+                job = submit_slurm(recipe, out, tune, common, ns.sbatch_args)
+                print(f"submitted job array {job}: {len(tune)} tuning runs into {out}; when "
+                      "they are done, submit the same command again (it extends a grid "
+                      "whose edge won, then runs the seeds at each one's lr)")
+                return None
+            summary.update(run_local(recipe, out, todo, common, **local))
+        chosen = contenders.choose(out, grids, ns.seeds[0], ns.tune_args)
+        if extended == ns.extend or not contenders.extend(grids, chosen):
+            break
     print("each contender's lr: " + ", ".join(f"{n} {lr}" for n, lr in chosen.items()) +
           f" ({out / 'contenders.json'})", flush=True)
     runs = [SweepCell(*c) for c in contenders.final(chosen, ns.seeds)]

@@ -17,12 +17,15 @@ autograd loop that tests trust; :func:`forget_mult_loop`, one fused multiply-add
 step over all batch rows and channels with a hand-written backward (any device); and on CUDA
 :func:`forget_mult_triton`, one Triton kernel that walks the time steps of a block of
 channels in registers, forward and backward. :func:`forget_mult` picks the fastest
-available; without CUDA or Triton it is the loop.
+available; without CUDA or Triton it is the loop. Under Triton's interpreter
+(``TRITON_INTERPRET=1``) the kernel runs on CPU tensors too, slowly: how the tests check it
+without a GPU.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,7 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the loop serves
     triton = None
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton.jit at import too
 
 
 def forget_mult_reference(f: Tensor, z: Tensor, c0: Tensor | None = None) -> Tensor:
@@ -171,8 +175,9 @@ class _ForgetMultTriton(torch.autograd.Function):
 
 
 def triton_available(x: Tensor) -> bool:
-    """Whether :func:`forget_mult_triton` can run on ``x``: CUDA, Triton, a float32/16 dtype."""
-    return (triton is not None and x.is_cuda
+    """Whether :func:`forget_mult_triton` can run on ``x``: Triton, a float32/16 dtype, on
+    CUDA (or any device under Triton's interpreter)."""
+    return (triton is not None and (x.is_cuda or _INTERPRETED)
             and x.dtype in (torch.float32, torch.float16, torch.bfloat16))
 
 
