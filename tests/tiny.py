@@ -39,6 +39,9 @@ class Config:
     """Dropout after the hidden layer (exercises the RNG on resume)."""
     dump: str | None = None
     """Write per-rank indices, lr/beta1 per step and final parameters to DUMP.rankN.pt."""
+    overflow_at: int = 0
+    """Make the gradients of optimizer step N infinite (an fp16 overflow; the loss stays
+    finite), for the loss scaler's tests."""
     step_sleep: float = 0.0
     """Seconds to sleep after each optimizer step (so a test can kill it mid-run)."""
     then_fit: bool = False
@@ -87,7 +90,10 @@ class TinyTrainer(Trainer):
     def train_step(self, batch):
         x, y, idx = batch
         self.seen.append(idx.tolist())
-        return F.cross_entropy(self.model(x), y)
+        out = self.model(x)
+        if self.step + 1 == self.overflow_at:
+            out.register_hook(lambda g: torch.full_like(g, float("inf")))
+        return F.cross_entropy(out, y)
 
     def eval_step(self, batch):
         return super().eval_step(batch[:2])
@@ -116,6 +122,7 @@ def main() -> None:
                           dataset(cfg.examples // 4, 2, **data), train=cfg.train,
                           optim=cfg.optim, schedule=cfg.schedule, recipe_config=to_dict(cfg))
     trainer.seen, trainer.schedule_seen, trainer.sleep = [], [], cfg.step_sleep
+    trainer.overflow_at = cfg.overflow_at
     out = {}
     if cfg.train.lr_find:
         result = trainer.lr_find(num_steps=60)
