@@ -21,7 +21,7 @@ from typing import Literal, get_args
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import InitProcessGroupKwargs
 
 from toolkit.parallel.base import Strategy
 from toolkit.errors import UserError
@@ -122,14 +122,11 @@ def make_accelerator(strategy: Strategy, *, batch_size: int, grad_accum: int,
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               log_with="tensorboard", project_dir=str(project_dir), **kwargs)
     check_world_size(accelerator)
+    strategy.grad_accum = grad_accum
+    strategy.check(precision=precision, clip=clip, freezes=freezes, device=accelerator.device)
     if precision == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
-        if accelerator.distributed_type == DistributedType.DEEPSPEED:
-            raise UserError("precision=fp16 under DeepSpeed needs a GPU (its CPU accelerator "
-                            "has no loss scaler); use --precision bf16 or fp32 on CPU")
         # Accelerate 1.15 would silently train in fp32 on CPU, though torch has fp16 autocast
         # and a loss scaler there: turn on both, as it does on a GPU (save_state keeps it).
         accelerator.native_amp = True
         accelerator.scaler = torch.amp.GradScaler("cpu")
-    strategy.grad_accum = grad_accum
-    strategy.check(precision=precision, clip=clip, freezes=freezes, device=accelerator.device)
     return accelerator

@@ -318,6 +318,9 @@ class ZeRO(Strategy):
                 "kwargs_handlers": []}
 
     def check(self, *, precision, clip, freezes, device) -> None:
+        if precision == "fp16" and device.type == "cpu":
+            raise UserError("precision=fp16 under DeepSpeed needs a GPU (its CPU accelerator "
+                            "has no loss scaler); use --precision bf16 or fp32 on CPU")
         if clip is not None and freezes:
             raise UserError("--clip with a stage that freezes layer groups under DeepSpeed: its "
                             "frozen groups keep their gradients (stepped at lr 0), which the "
