@@ -108,6 +108,7 @@ def test_missing_weights_are_one_line(files, tmp_path):
     assert not (tmp_path / "a" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # 60 s: CI runs it after the default run
 def test_two_processes_zero2_freeze_and_resume_exactly(files, tmp_path):
     """BatchNorm statistics are per process, so 2 processes do not equal one; the frozen
     body stays as loaded and a resume mid-stage-2 is bitwise."""

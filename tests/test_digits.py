@@ -9,6 +9,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from conftest import DIGITS, ROOT, command, env, launch
 from toolkit import recipe
 
@@ -22,6 +24,7 @@ def test_digits_reaches_96_percent(tmp_path):
     assert config["optim"]["name"] == "adamw" and config["train"]["epochs"] == 15
 
 
+@pytest.mark.slow  # 36 s: CI runs it after the default run
 def test_tta_preset_does_not_lose_to_the_plain_accuracy(tmp_path):
     """Seeds 0-2 of ``--preset tta``: the post's TTA on average, and the fixed shifts on each
     run, at least as accurate as the plain pass (the test set is 360 images: a mean over

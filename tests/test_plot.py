@@ -15,7 +15,7 @@ from toolkit.experiments.plot import plot_run
 from toolkit.run_folder import RunFolder
 
 TRAIN_KEYS = {"step", "stage", "epoch", "lr", "beta1", "train_loss"}
-EVAL_KEYS = {"step", "stage", "epoch", "valid_loss", "valid_accuracy"}
+EVAL_KEYS = {"step", "stage", "epoch", "valid_loss", "valid_accuracy", "train_seconds"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -175,6 +175,7 @@ def fault_node_two(slurm, out: Path, sig: int, args: str, step: int, **env: str)
     return state, code, seconds, Path(f"{out}.log").read_text()
 
 
+@pytest.mark.slow  # 18 s: CI runs it after the default run
 def test_a_silent_node_ends_the_job_after_the_timeout(slurm, tmp_path):
     """A node that stops answering (its worker SIGSTOPped: sockets open, nothing sent): the
     other rank gives up after --dist-timeout seconds with one error line, and srun ends the
@@ -188,6 +189,7 @@ def test_a_silent_node_ends_the_job_after_the_timeout(slurm, tmp_path):
     print(f"a silent node: the job ended {exit_s:.1f} s after (--dist-timeout 8, TASK_WAIT 3)")
 
 
+@pytest.mark.slow  # 32 s: CI runs it after the default run
 def test_a_dead_node_ends_the_job_and_a_resubmission_resumes(slurm, tmp_path):
     out = tmp_path / "node-dies"
     args = "--epochs 60 --checkpoint-every 40 --dist-timeout 60"

@@ -27,6 +27,7 @@ def found(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow  # their shared runs take 65 s: CI runs it after the default run
 def test_the_best_of_each_kind_comes_from_the_runs(found):
     out, stdout = found
     summary = json.loads((out / "wd_find.json").read_text())
@@ -48,6 +49,7 @@ def test_the_best_of_each_kind_comes_from_the_runs(found):
     assert f"best wd: L2 {summary['best_wd']['l2']:g}" in stdout
 
 
+@pytest.mark.slow  # their shared runs take 65 s: CI runs it after the default run
 def test_the_plot_is_drawn(found):
     out, _ = found
     image = np.asarray(Image.open(out / "wd_find.png").convert("RGB"))
@@ -55,6 +57,7 @@ def test_the_plot_is_drawn(found):
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 10  # lines, not a blank canvas
 
 
+@pytest.mark.slow  # their shared runs take 65 s: CI runs it after the default run
 def test_run_again_it_reuses_the_lr_and_the_cells(found):
     out, _ = found
     before = (out / "wd_find.json").read_text()
