@@ -16,7 +16,7 @@ from torch import nn
 
 from conftest import DIGITS, TINY, dumps, launch
 from test_evaluate import evaluate
-from test_resume import kill_after
+from test_resume import killed_tiny_resumes_exactly
 from tiny import dataset, model
 from toolkit.config import OptimConfig
 
@@ -175,16 +175,7 @@ def test_a_run_is_torchs_muon_and_adamw_under_torchs_one_cycle(tmp_path):
 
 @pytest.mark.slow  # 17 s: CI runs it after the default run
 def test_killed_then_resumed_equals_uninterrupted(tmp_path):
-    args = [*MUON, "--dropout", "0.3", "--epochs", "3", "--checkpoint-every", "1",
-            "--keep-checkpoints", "3"]
-    launch(TINY, [*args, "--output-dir", str(tmp_path / "ref"), "--dump", str(tmp_path / "r")])
-    kill_after(tmp_path / "run", args, "python", 14)
-    proc = launch(TINY, [*args, "--output-dir", str(tmp_path / "run"), "--resume", "auto",
-                         "--dump", str(tmp_path / "d")])
-    assert "resumed from" in proc.stdout
-    a, b = dumps(tmp_path / "d", 1)[0], dumps(tmp_path / "r", 1)[0]
-    for k, v in b["params"].items():
-        assert torch.equal(a["params"][k], v), k
+    killed_tiny_resumes_exactly(tmp_path, MUON)
 
 
 def test_two_processes_equal_one(tmp_path):

@@ -90,6 +90,21 @@ def kill_after(run: Path, args: list[str], launcher: str, step: int) -> None:
     proc.stderr.close()
 
 
+def killed_tiny_resumes_exactly(tmp: Path, flags: list[str]) -> None:
+    """3 epochs of ``tiny`` with ``flags`` and dropout, SIGKILLed at checkpoint 14, then
+    ``--resume auto``: its weights equal an uninterrupted run's bitwise."""
+    args = [*flags, "--dropout", "0.3", "--epochs", "3", "--checkpoint-every", "1",
+            "--keep-checkpoints", "3"]
+    launch(TINY, [*args, "--output-dir", str(tmp / "ref"), "--dump", str(tmp / "r")])
+    kill_after(tmp / "run", args, "python", 14)
+    proc = launch(TINY, [*args, "--output-dir", str(tmp / "run"), "--resume", "auto",
+                         "--dump", str(tmp / "d")])
+    assert "resumed from" in proc.stdout
+    a, b = dumps(tmp / "d", 1)[0], dumps(tmp / "r", 1)[0]
+    for k, v in b["params"].items():
+        assert torch.equal(a["params"][k], v), k
+
+
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])
 def test_kill_mid_epoch_and_resume_is_exact(launcher, tmp_path):
     ref = reference(tmp_path, launcher)

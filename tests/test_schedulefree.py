@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DIGITS, TINY, dumps, launch
-from test_resume import kill_after
+from test_resume import killed_tiny_resumes_exactly
 from tiny import dataset, model
 from toolkit.optim import param_groups
 
@@ -55,16 +55,7 @@ def test_a_run_is_the_packages_optimizer_in_a_plain_loop(args, warmup, tmp_path)
 
 @pytest.mark.slow  # 17 s: CI runs it after the default run
 def test_killed_then_resumed_equals_uninterrupted(tmp_path):
-    args = [*SF, "--dropout", "0.3", "--epochs", "3", "--checkpoint-every", "1",
-            "--keep-checkpoints", "3"]
-    launch(TINY, [*args, "--output-dir", str(tmp_path / "ref"), "--dump", str(tmp_path / "r")])
-    kill_after(tmp_path / "run", args, "python", 14)
-    proc = launch(TINY, [*args, "--output-dir", str(tmp_path / "run"), "--resume", "auto",
-                         "--dump", str(tmp_path / "d")])
-    assert "resumed from" in proc.stdout
-    a, b = dumps(tmp_path / "d", 1)[0], dumps(tmp_path / "r", 1)[0]
-    for k, v in b["params"].items():
-        assert torch.equal(a["params"][k], v), k
+    killed_tiny_resumes_exactly(tmp_path, SF)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)])
