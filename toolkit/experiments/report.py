@@ -362,12 +362,12 @@ def curve_blocks(runs: list[RunDir], key: str | None, out: Path,
                                  ("beta1 / momentum", mom)], False,
                 "lr and beta1 of one run per cell")]
     blocks: Blocks = [("h2", "Curves")]
-    target = target.value if target and target.metric == key else targets(runs).get(key)
+    line_at = target.value if target and target.metric == key else targets(runs).get(key)
     for name, panels, markers, alt in figures:
         # A metric only results.json has (tta_accuracy) has no curve to draw.
         if all(any(steps for lines in data.values() for _, steps, _ in lines)
                for _, data in panels):
-            line = target if name == "valid_metric.png" else None
+            line = line_at if name == "valid_metric.png" else None
             blocks.append(("img", (plot_series(out / name, panels, markers, line).name, alt)))
     return blocks
 

@@ -76,6 +76,11 @@ def parse_vary(spec: str) -> tuple[str, list[str]]:
     return field, parts
 
 
+def check_seeds(seeds: list[int]) -> None:
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {seeds} names a seed twice")
+
+
 def cells(grid: str | None, seeds: list[int], vary: list[str], adam_l2_args: str = "",
           adamw_args: str = "") -> list[SweepCell]:
     """The grid's cells in a fixed order (optimizers, then each varied field, then seeds)."""
@@ -88,8 +93,7 @@ def cells(grid: str | None, seeds: list[int], vary: list[str], adam_l2_args: str
         field, values = parse_vary(spec)
         short = field.rsplit(".", 1)[-1].replace("_", "-")
         axes.append([(f"{short}{v}", [f"--{field}", v]) for v in values])
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds {seeds} names a seed twice")
+    check_seeds(seeds)
     axes.append([(f"seed{s}", ["--seed", str(s)]) for s in seeds])
     return [SweepCell("-".join(n for n, _ in combo), tuple(a for _, args in combo for a in args))
             for combo in itertools.product(*axes)]
@@ -210,8 +214,7 @@ def run_contenders(recipe: Path, out: Path, common: list[str],
         raise UserError("--grid contenders takes no --vary: its cells are the contenders x "
                         "--lrs, then the seeds at each one's lr")
     lrs = contenders.parse_lrs(ns.lrs)
-    if len(set(ns.seeds)) != len(ns.seeds):
-        raise UserError(f"--seeds {ns.seeds} names a seed twice")
+    check_seeds(ns.seeds)
     if ns.extend < 0:
         raise UserError(f"--extend {ns.extend} must be >= 0")
     grids = {name: list(lrs) for name in contenders.CONTENDERS}
