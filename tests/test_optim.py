@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from toolkit.optim import build_optimizer, param_groups
+from toolkit.errors import UserError
+from toolkit.optim import DEEPSPEED_MIN_PARAMS, build_optimizer, default_impl, param_groups
 from toolkit.schedule import OneCycle, beta1_of
 
 STEPS = 200
@@ -190,6 +191,101 @@ def test_float32_matches_torch(case):
 def test_auto_is_fused_on_cpu():
     opt = build_optimizer([torch.zeros(3, requires_grad=True)], "adamw")
     assert opt.impl == "fused" and opt.param_groups[0]["fused"] is True
+
+
+def test_auto_picks_deepspeed_for_large_cpu_runs_and_offload():
+    # default_impl alone: the op is not built.
+    def params(n, dtype=torch.float32, device="cpu"):
+        return [torch.empty(n, dtype=dtype, device=device)]
+
+    big, small = params(DEEPSPEED_MIN_PARAMS), params(DEEPSPEED_MIN_PARAMS - 1)
+    assert default_impl(big, "adamw") == default_impl(big, "adam") == "deepspeed"
+    assert default_impl(small, "adamw") == "fused"
+    assert default_impl(small, "adamw", offload=True) == "deepspeed"
+    assert default_impl(params(3, device="meta"), "adamw", offload=True) == "deepspeed"
+    # AMSGrad (the op has none), SGD, other dtypes, other devices: torch's kernels.
+    assert default_impl(big, "adamw", amsgrad=True) == "fused"
+    assert default_impl(big, "adamw", amsgrad=True, offload=True) == "fused"
+    assert default_impl(big, "sgd") == "fused"
+    assert default_impl(params(DEEPSPEED_MIN_PARAMS, torch.bfloat16), "adamw") == "fused"
+    assert default_impl(params(DEEPSPEED_MIN_PARAMS, device="meta"), "adamw") == "foreach"
+
+
+@pytest.mark.parametrize("kwargs", [{"name": "adamw", "amsgrad": True}, {"name": "sgd"},
+                                    {"name": "schedulefree-adamw"}])
+def test_deepspeed_impl_refuses_what_its_kernel_lacks(kwargs):
+    with pytest.raises(ValueError, match="impl='deepspeed'|schedulefree-adamw has"):
+        build_optimizer([torch.zeros(3, requires_grad=True)], impl="deepspeed", **kwargs)
+
+
+# DeepSpeed's CPU kernel: slow, for its op's first build (~1 minute of C++ on 2 cores).
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] != "sgd" and not c[1]],
+                         ids=lambda c: c[0])
+def test_deepspeed_float32_close_to_textbook(case, textbook):
+    params, _ = run_toolkit(*case, "deepspeed", torch.float32)
+    assert rel_err(params, textbook[case]) < 1e-4
+    assert rel_err(params, run_torch(*case)) < 1e-5
+
+
+@pytest.mark.slow
+def test_deepspeed_is_what_auto_picks_and_steps_exactly():
+    n = DEEPSPEED_MIN_PARAMS
+    gen = torch.Generator().manual_seed(0)
+    init, grads = torch.randn(n, generator=gen), [torch.randn(n, generator=gen) for _ in range(3)]
+    final = {}
+    for impl in ("auto", "fused"):
+        p = init.clone().requires_grad_()
+        opt = build_optimizer([p], "adamw", 1e-2, weight_decay=0.1, impl=impl)
+        for g in grads:
+            p.grad = g
+            opt.step()
+        final[opt.impl] = p.detach()
+    assert set(final) == {"deepspeed", "fused"}
+    # A few float32 roundings apart where v is tiny; a wrong rule would be ~lr = 1e-2 off.
+    assert (final["deepspeed"] - final["fused"]).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_deepspeed_steps_channels_last_resumes_exactly_and_loads_into_torch():
+    # DeepSpeedCPUAdam hands its op p.contiguous(): a channels-last filter would be updated
+    # in a copy and never move. Ours steps it in place, as the contiguous one; a new
+    # optimizer from its state_dict goes on bitwise (the op's running powers of the betas
+    # would not: it restarts them); its state is torch's, so torch's fused kernel goes on too.
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(8, 3, 3, 3, generator=gen)
+    grads = [torch.randn(8, 3, 3, 3, generator=gen) for _ in range(6)]
+    runs = {}
+    for name, fmt, then in (("cl", torch.channels_last, None),
+                            ("contiguous", torch.contiguous_format, None),
+                            ("resumed", torch.contiguous_format, "deepspeed"),
+                            ("switched", torch.contiguous_format, "fused")):
+        p = init.clone(memory_format=fmt).requires_grad_()
+        opt = build_optimizer([p], "adamw", 1e-2, weight_decay=0.1, impl="deepspeed")
+        for t, g in enumerate(grads):
+            if t == 3 and then:
+                state = opt.state_dict()
+                opt = build_optimizer([p], "adamw", 1e-2, weight_decay=0.1, impl=then)
+                opt.load_state_dict(state)
+            p.grad = g.clone()
+            opt.step()
+        runs[name] = p.detach()
+    assert runs["cl"].is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(runs["cl"], init)
+    # Not bitwise: the op's SIMD loop and its scalar tail round differently, and the two
+    # layouts put other elements in the tail.
+    assert (runs["cl"] - runs["contiguous"]).abs().max() < 1e-6
+    assert torch.equal(runs["resumed"], runs["contiguous"])
+    assert (runs["switched"] - runs["contiguous"]).abs().max() < 1e-6
+
+
+@pytest.mark.slow
+def test_deepspeed_refuses_float64_in_one_line():
+    opt = build_optimizer([torch.zeros(3, dtype=torch.float64, requires_grad=True)],
+                          impl="deepspeed")
+    opt.param_groups[0]["params"][0].grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(UserError, match="torch.float64 on cpu; use --optim.impl fused"):
+        opt.step()
 
 
 def small_model() -> nn.Sequential:

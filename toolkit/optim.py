@@ -8,8 +8,9 @@ regularize Adam:
 * decoupled: ``p -= lr * wd * p`` outside the gradient (``torch.optim.AdamW``), ``lr``
   being the *scheduled* learning rate so that decay follows 1cycle.
 
-Both are torch's own optimizers: we only pick the fastest kernel torch has for the device
-(``fused`` on CPU and CUDA, AMSGrad included: see ``docs/benchmarks.md``) and build the
+Both are torch's own optimizers: we only pick the fastest exact kernel for the device
+(torch's ``fused`` on CPU and CUDA, AMSGrad included; DeepSpeed's CPU kernel for large CPU
+runs and ZeRO offload, ``toolkit.cpu_adam``: see ``docs/benchmarks.md``) and build the
 parameter groups. ``impl="compiled"`` wraps ``step`` in ``torch.compile`` with lr and betas
 held as tensors, so 1cycle changing them every step never recompiles.
 """
@@ -27,7 +28,7 @@ from torch import nn
 
 OptimizerName = Literal["adamw", "adam", "sgd", "schedulefree-adamw", "muon"]
 MuonAdjustLr = Literal["match_rms_adamw", "original", "spectral_unclamped"]
-Impl = Literal["auto", "fused", "foreach", "forloop", "compiled"]
+Impl = Literal["auto", "fused", "foreach", "forloop", "compiled", "deepspeed"]
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 IMPLS: tuple[str, ...] = get_args(Impl)
 MUON_ADJUST_LR: tuple[str, ...] = get_args(MuonAdjustLr)
@@ -108,21 +109,35 @@ def param_groups(
     return groups
 
 
-def default_impl(params: Iterable[torch.Tensor], name: str = "adamw") -> str:
-    """The fastest correct torch kernel for where the parameters live.
+DEEPSPEED_MIN_PARAMS = 10_000_000
+"""From this many CPU parameters ``auto`` steps Adam/AdamW with DeepSpeed's CPU kernel: its
+~10% faster step then saves more than the one-off build of its op (~1 minute)."""
 
-    ``fused`` runs on CPU and CUDA for Adam/AdamW, AMSGrad included, and for SGD: measured
-    at 88-100% of the memory-bandwidth bound on a 2-core CPU and ~80% on an H200
-    (``docs/benchmarks.md``), 2-5x ahead of foreach and for-loop. Other devices: foreach;
-    so is SGD on sharded parameters (FSDP2's DTensors: torch 2.14 has no sharding rule for
-    its fused kernel).
+
+def default_impl(params: Iterable[torch.Tensor], name: str = "adamw", amsgrad: bool = False,
+                 offload: bool = False) -> str:
+    """The fastest exact kernel for where the parameters live (or, with ``offload``, where
+    ZeRO steps them: CPU).
+
+    ``deepspeed`` (``toolkit.cpu_adam``) for Adam/AdamW without AMSGrad on float32 CPU
+    parameters, under ZeRO offload or from :data:`DEEPSPEED_MIN_PARAMS` parameters: ~10%
+    ahead of torch's fused kernel there. ``fused`` otherwise on CPU and CUDA, for
+    Adam/AdamW (AMSGrad included) and SGD: measured at 88-100% of the memory-bandwidth
+    bound on a 2-core CPU and ~80% on an H200 (``docs/benchmarks.md``), 2-5x ahead of
+    foreach and for-loop. Other devices: foreach; so is SGD on sharded parameters (FSDP2's
+    DTensors: torch 2.14 has no sharding rule for its fused kernel).
     """
     from torch.distributed.tensor import DTensor
 
     params = list(params)
-    devices = {p.device.type for p in params}
-    if name == "sgd" and any(isinstance(p, DTensor) for p in params):
+    devices = {"cpu"} if offload else {p.device.type for p in params}
+    sharded = any(isinstance(p, DTensor) for p in params)
+    if name == "sgd" and sharded:
         return "foreach"
+    if (name in ("adam", "adamw") and not amsgrad and not sharded and devices == {"cpu"}
+            and all(p.dtype == torch.float32 for p in params)
+            and (offload or sum(p.numel() for p in params) >= DEEPSPEED_MIN_PARAMS)):
+        return "deepspeed"
     return "fused" if devices <= {"cpu", "cuda"} else "foreach"
 
 
@@ -140,6 +155,7 @@ def build_optimizer(
     impl: Impl = "auto",
     warmup_steps: int = 0,
     muon_adjust_lr: MuonAdjustLr = "match_rms_adamw",
+    offload: bool = False,
 ) -> torch.optim.Optimizer:
     """Build ``name`` over ``params`` (tensors or groups from :func:`param_groups`).
 
@@ -152,7 +168,8 @@ def build_optimizer(
     groups marked ``muon`` (:func:`param_groups`), AdamW over the others, one lr and one wd
     for both (``muon_adjust_lr`` ``match_rms_adamw``, Moonshot's scaling that lets Muon reuse
     AdamW's; ``original`` is Keller Jordan's, which wants a larger lr); Muon's momentum is
-    beta1, Nesterov. A group's ``lr_mult`` scales ``lr``. Defaults are the post's: betas
+    beta1, Nesterov. A group's ``lr_mult`` scales ``lr``. ``offload``: ZeRO will step CPU copies of
+    these parameters (what ``auto`` picks for). Defaults are the post's: betas
     (0.95, 0.99) at the start of 1cycle, eps 1e-8.
     """
     check_hparams(name=name, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, impl=impl,
@@ -185,7 +202,13 @@ def build_optimizer(
                                 amsgrad=amsgrad, impl=impl)
         return MuonWithAdamW(muon, adamw)
     if impl == "auto":
-        impl = default_impl((p for g in groups for p in g["params"]), name)
+        impl = default_impl((p for g in groups for p in g["params"]), name, amsgrad, offload)
+    if impl == "deepspeed":
+        from toolkit.cpu_adam import CPUAdam
+
+        opt = CPUAdam(groups, lr, betas, eps, weight_decay, adamw=name == "adamw")
+        opt.impl = impl
+        return opt
     kernel = {"fused": {"fused": True}, "foreach": {"foreach": True},
               "forloop": {"foreach": False}, "compiled": {"foreach": False}}[impl]
     if name == "sgd":
@@ -301,6 +324,10 @@ def check_hparams(*, name: str, lr: float, betas: tuple[float, float], eps: floa
     if name == "schedulefree-adamw" and (impl not in ("auto", "foreach") or amsgrad):
         raise ValueError("schedulefree-adamw has its own foreach kernel and no AMSGrad; drop "
                          f"--optim.impl {impl}" + (" and --optim.amsgrad" if amsgrad else ""))
+    if impl == "deepspeed" and (name not in ("adam", "adamw") or amsgrad):
+        raise ValueError(f"impl='deepspeed' (DeepSpeed's CPU kernel) steps adam and adamw "
+                         f"without AMSGrad, not {name}{' with amsgrad' if amsgrad else ''}; "
+                         "use 'fused' (or auto)")
     if name == "muon" and impl == "compiled":
         raise ValueError("muon has no compiled step (torch's is a loop over matrices); drop "
                          "--optim.impl compiled")
