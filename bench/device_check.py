@@ -1,0 +1,123 @@
+"""Every GPU check in one call, one markdown table: ``bash bench/device_check.sh`` runs this
+on a lent device; ``--dry-run`` runs every step on CPU with tiny sizes (a test does).
+
+Steps, each in its own process with its own time limit (a failure is a row, never the end):
+the GPU tests and the QRNN kernel against its reference on CUDA; the optimizer-step roofline
+(``bench/optim_step.py``) and the step inside ZeRO-2 and FSDP2 (``bench/sharded_step.py``);
+CIFAR-10 ``paper-18ep-tta`` in bf16 + channels-last; one epoch of ``paper-lstm`` and of
+``paper-qrnn`` (no cache pointer). Writes ``OUT/device_check.md``: the table (step, status,
+seconds, figures) and the benchmarks' own tables under it.
+
+    python bench/device_check.py --cifar DIR --wikitext DIR --out OUT [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from report import device_name
+
+PY = sys.executable
+
+
+def steps(cifar: str, wikitext: str, out: Path, dry: bool
+          ) -> list[tuple[str, str, list[str], int]]:
+    """(key, name, command, seconds allowed) of each check: the GPU's sizes, or tiny ones."""
+    test = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    cifar_size = ["--max-steps", "2", "--width", "4", "--batch-size", "64"] if dry else []
+    lm_size = (["--max-steps", "2", "--emb-size", "16", "--hidden-size", "16", "--bptt", "8",
+                "--eval-batch-size", "64"] if dry else ["--epochs", "1"])
+
+    def lm(preset: str) -> list[str]:
+        return [PY, "recipes/wt2.py", "--preset", preset, "--no-cache", "--data-dir", wikitext,
+                "--output-dir", str(out / preset), "--no-progress", *lm_size]
+
+    return [
+        ("gpu-tests", "GPU tests", [*test, "-m", "gpu", "tests/test_gpu.py"], 150),
+        ("qrnn-kernel", "QRNN kernel vs reference (CUDA)",
+         [*test, "tests/test_models.py", "-k", "forget_mult_triton_matches_reference"], 60),
+        ("optim-step", "optimizer step",
+         [PY, "bench/optim_step.py", "--device", "cpu" if dry else "cuda", "--params",
+          "2e5" if dry else "5e8", "--steps", "2" if dry else "10", "--warmup",
+          "1" if dry else "3", "--out", str(out / "optim.md")], 120),
+        ("sharded-step", "step inside ZeRO-2 and FSDP2",
+         [PY, "bench/sharded_step.py", "--params", "2e5" if dry else "5e8", "--width",
+          "64" if dry else "8192"], 120),
+        ("cifar", "CIFAR-10 paper-18ep-tta, bf16 + channels-last",
+         [PY, "recipes/cifar10.py", "--preset", "paper-18ep-tta", "--precision", "bf16",
+          "--channels-last", "--data-dir", cifar, "--output-dir", str(out / "cifar"),
+          "--no-progress", *cifar_size], 300),
+        ("lstm", "WikiText-2 paper-lstm, 1 epoch", lm("paper-lstm"), 150),
+        ("qrnn", "WikiText-2 paper-qrnn, 1 epoch", lm("paper-qrnn"), 150),
+    ]
+
+
+def last_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    return lines[-1][:160].replace("|", "/") if lines else ""
+
+
+def figures(run: Path | None, output: str) -> str:
+    """What a step measured: a run's metrics from its results.json, else its last line."""
+    if run is None or not (run / "results.json").is_file():
+        return last_line(output)
+    r = json.loads((run / "results.json").read_text())
+    keys = ("plain_accuracy", "tta_accuracy", "valid_ppl", "test_ppl")
+    shown = ", ".join(f"{k} {r[k]:.4g}" for k in keys if k in r)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    seconds = [row["train_seconds"] for row in rows if "train_seconds" in row]
+    return shown + (f"; {seconds[-1]:.1f} s of training" if seconds else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cifar", required=True, help="CIFAR-10 binary folder")
+    parser.add_argument("--wikitext", required=True, help="WikiText-2 folder")
+    parser.add_argument("--out", required=True, help="folder for device_check.md and runs")
+    parser.add_argument("--dry-run", action="store_true", help="every step, tiny, on CPU")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    table = [f"Device check, {datetime.date.today()}: "
+             f"{device_name('cpu' if args.dry_run else 'cuda')}, torch {torch.__version__}"
+             f"{' (dry run: tiny sizes on CPU)' if args.dry_run else ''}", "",
+             f"Command: `python {' '.join(sys.argv)}`", "",
+             "| step | status | seconds | figures |", "|---|---|---:|---|"]
+    failed = 0
+    for key, name, command, limit in steps(args.cifar, args.wikitext, out, args.dry_run):
+        print(f"== {name}: {' '.join(command)}", flush=True)
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=limit)
+            status, output = ("ok" if proc.returncode == 0 else f"exit {proc.returncode}",
+                              proc.stdout + proc.stderr)
+        except subprocess.TimeoutExpired as e:
+            status, output = f"timed out ({limit} s)", str(e.stdout or "")
+        seconds = time.perf_counter() - start
+        (out / f"{key}.log").write_text(output)
+        print(output[-2000:], flush=True)
+        failed += status != "ok"
+        run = Path(command[command.index("--output-dir") + 1]) if "--output-dir" in command \
+            else None
+        table.append(f"| {name} | {status} | {seconds:.0f} | {figures(run, output)} |")
+    if (out / "optim.md").is_file():
+        table += ["", (out / "optim.md").read_text().strip()]
+    if (out / "sharded-step.log").is_file():
+        table += ["", "Step inside ZeRO-2 and FSDP2: "
+                  + "\n".join(line for line in (out / "sharded-step.log").read_text().splitlines()
+                              if line.startswith(("|", "CPU", "NVIDIA", "\n")))]
+    (out / "device_check.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
