@@ -35,6 +35,8 @@ from toolkit.optim import Impl, MuonAdjustLr, OptimizerName
 from toolkit.parallel import Strategy
 from toolkit.target import Target
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
 
 @dataclass
 class OptimConfig:
@@ -339,6 +341,12 @@ class TrainConfig:
     evaluation that reaches it (step, epoch, training seconds), the post's time to target."""
     stop_at_target: bool = False
     """End the run at the first evaluation that reaches --target (DAWNBench's rule)."""
+    compile: bool = False
+    """torch.compile the model's forward (inductor) before the strategy wraps it, in place
+    (checkpoints and model.safetensors keep their keys); FSDP2 compiles each block.
+    results.json records compiled_graphs."""
+    compile_mode: CompileMode = "default"
+    """torch.compile's mode (reduce-overhead: CUDA graphs; max-autotune: slower compile)."""
 
     def validate(self) -> None:
         if self.target is not None:

@@ -110,6 +110,8 @@ class Trainer:
                              for p in g["params"]]
             return optimizer
 
+        if train.compile:
+            self.parallel.compile(model, train.compile_mode)
         self.parallel.prepare(acc, model, build_optimizer)
         self.model, self.optimizer = self.parallel.model, self.parallel.optimizer
         self.stage, self.step = -1, 0
@@ -265,7 +267,16 @@ class Trainer:
         path = resume.save(self)
         return {"stopped": False, "step": self.step, "epochs": round(self.epoch_at(self.step), 4),
                 "wall_time_s": round(time.time() - started, 2), "checkpoint": str(path),
-                **self.clock.result(), **self.metrics}
+                **self.clock.result(), **self.metrics, **self.compiled()}
+
+    def compiled(self) -> dict:
+        """``compiled_graphs``: how many graphs torch.compile made in this process (with
+        --compile): train and eval modes, a new shape, a stage freezing a group."""
+        if not self.train_cfg.compile:
+            return {}
+        import torch._dynamo
+
+        return {"compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
 
     def train_one_step(self, it, schedule: dict) -> str | None:
         """One optimizer step, then its logging and evaluation when due; the name of a stop

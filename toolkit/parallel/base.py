@@ -76,6 +76,11 @@ class Strategy:
         (``freezes``: a stage trains only some layer groups)."""
 
     # ---- the model ------------------------------------------------------------------------
+    def compile(self, model: nn.Module, mode: str) -> None:
+        """``torch.compile`` ``model``'s forward in place, before :meth:`prepare` wraps it:
+        its parameters and state_dict keys stay the model's."""
+        model.compile(mode=mode)
+
     def prepare(self, accelerator, model: nn.Module,
                 build_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
         """Wrap ``model`` and the optimizer ``build_optimizer(model)`` makes of it."""

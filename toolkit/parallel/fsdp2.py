@@ -86,6 +86,12 @@ class FSDP2(Strategy):
                             "and optimizer states already live in CPU RAM; use --strategy fsdp2")
         self.precision = precision
 
+    def compile(self, model, mode) -> None:
+        # torchtitan's way: each block compiled, then sharded; the root's all-gathers and
+        # the parts outside the blocks stay eager.
+        for block in blocks(model):
+            block.compile(mode=mode)
+
     def prepare(self, accelerator, model, build_optimizer) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
