@@ -58,6 +58,8 @@ def main() -> None:
     import deepspeed
     from torch.distributed.fsdp import fully_shard
 
+    # DeepSpeed's CPU accelerator would ask for oneCCL: gloo, named (as toolkit.parallel.zero).
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     layers = max(1, round(args.params / args.width**2))
     rows = [f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch "

@@ -26,7 +26,7 @@ def test_dry_run_runs_every_step_into_one_table(tmp_path):
     table = (tmp_path / "device_check.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
     steps = [row.split(" | ")[0].lstrip("| ") for row in rows[:7]]
-    assert steps == ["GPU tests", "QRNN kernel vs reference (CUDA)", "optimizer step",
+    assert steps == ["GPU tests", "QRNN kernel and cuDNN paths vs reference (CUDA)", "optimizer step",
                      "step inside ZeRO-2 and FSDP2",
                      "CIFAR-10 paper-18ep-tta, bf16 + channels-last",
                      "WikiText-2 paper-lstm, 1 epoch", "WikiText-2 paper-qrnn, 1 epoch"]
