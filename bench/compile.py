@@ -56,7 +56,7 @@ def language_model(kind: str):
 
         def loss():
             logp, _, _, penalty = model(tokens, targets, hidden)
-            return -logp.mean() + penalty
+            return -logp.mean() + penalty.ar + penalty.tar
         return model, loss
     return make
 

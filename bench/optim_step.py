@@ -5,8 +5,8 @@ fp32 parameter (AMSGrad adds vmax: 36). So no kernel beats those bytes divided b
 bandwidth a plain elementwise op gets here, which this script measures in the same run
 (``a.add_(b)`` over arrays far larger than the caches). It times the toolkit's
 choice (``build_optimizer(impl="auto")``) against torch's for-loop, foreach and fused
-kernels, DeepSpeedCPUAdam on CPU (AdamW only: it has no AMSGrad) and the compiled step on
-CUDA, over ~25M parameters shaped like a small transformer + LSTM language model.
+kernels, DeepSpeedCPUAdam and the toolkit's own wrapper of its op (``impl="deepspeed"``) on CPU
+(AdamW only: it has no AMSGrad) and the compiled step on CUDA, over ~25M parameters shaped like a small transformer + LSTM language model.
 
     python bench/optim_step.py                     # 25M params, CPU: ~30 s on 2 cores
     python bench/optim_step.py --device cuda --params 250e6
@@ -96,6 +96,8 @@ def optimizers(device: str, amsgrad: bool) -> dict[str, Callable[[list], object]
             return DeepSpeedCPUAdam(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD,
                                     adamw_mode=True)
         makers["DeepSpeedCPUAdam"] = deepspeed_cpu_adam
+        makers["toolkit deepspeed"] = lambda ps: build_optimizer(ps, "adamw", impl="deepspeed",
+                                                                 **kw)
     return makers
 
 

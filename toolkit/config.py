@@ -63,9 +63,8 @@ class OptimConfig:
     lr_mults: tuple[float, ...] | None = None
     """Discriminative learning rates over the model's layer groups, e.g. (1/9, 1/3, 1)."""
     impl: Impl = "auto"
-    """Kernel: auto = fastest exact one for the device (torch's fused; deepspeed from 10M CPU
-    parameters and under ZeRO offload, AMSGrad excepted); compiled = torch.compile'd step;
-    deepspeed = DeepSpeed's CPU Adam/AdamW kernel."""
+    """Kernel: auto = fastest correct for the device (fused); compiled = torch.compile'd step;
+    deepspeed = DeepSpeed's CPU Adam/AdamW kernel (no AMSGrad; its op compiles once)."""
     warmup_steps: int = 0
     """schedulefree-adamw's own linear warm-up, in optimizer steps (its schedule)."""
     warmup_pct: float = 0.0
@@ -117,10 +116,9 @@ class OptimConfig:
                             f"{'s' if groups != 1 else ''}: give {groups} value"
                             f"{'s' if groups != 1 else ''}, or none")
 
-    def build(self, model: torch.nn.Module, layer_groups=None, total_steps: int = 0,
-              offload: bool = False) -> torch.optim.Optimizer:
-        """The optimizer of ``model`` for a run of ``total_steps`` (``warmup_pct``'s base);
-        ``offload``: ZeRO steps it on CPU copies."""
+    def build(self, model: torch.nn.Module, layer_groups=None,
+              total_steps: int = 0) -> torch.optim.Optimizer:
+        """The optimizer of ``model`` for a run of ``total_steps`` (``warmup_pct``'s base)."""
         groups = optim_lib.param_groups(model, self.wd, no_decay_bias_norm=self.no_decay_bias_norm,
                                         layer_groups=layer_groups, lr_mults=self.lr_mults,
                                         muon=self.name == "muon")
@@ -129,7 +127,7 @@ class OptimConfig:
                                          momentum=self.momentum, nesterov=self.nesterov,
                                          impl=self.impl, warmup_steps=self.warmup_steps
                                          or round(self.warmup_pct * total_steps),
-                                         muon_adjust_lr=self.muon_adjust_lr, offload=offload)
+                                         muon_adjust_lr=self.muon_adjust_lr)
 
 
 def _share(name: str, value: float) -> None:

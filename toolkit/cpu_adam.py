@@ -1,9 +1,9 @@
 """DeepSpeed's CPU Adam/AdamW kernel (the ``cpu_adam`` op behind ``DeepSpeedCPUAdam``) as a
-torch optimizer with torch's own state: ``--optim.impl deepspeed``, and what ``auto`` picks
-for large CPU runs and ZeRO offload (``optim.default_impl``).
+torch optimizer with torch's own state: ``--optim.impl deepspeed``.
 
-Its AVX loop streams each tensor once, with OpenMP threads: ~10% ahead of torch's fused
-kernel on CPU (``docs/benchmarks.md``). We call the op ourselves instead of using
+Its AVX loop streams each tensor once, with OpenMP threads; on 2 CPU cores it is level with
+torch's fused kernel within the run-to-run noise (``docs/benchmarks.md``), so ``auto``
+keeps torch's, which needs no build. We call the op ourselves instead of using
 ``DeepSpeedCPUAdam`` because that class
 
 * hands the op ``p.contiguous()``: a channels-last filter is then updated in a copy, and the
@@ -96,13 +96,16 @@ class CPUAdam(torch.optim.Optimizer):
                 t = int(state["step"])
                 bc1, bc2 = 1 - beta1 ** t, math.sqrt(1 - beta2 ** t)
                 wd = group["weight_decay"] * (bc1 / bc2 if self.adamw else 1.0)
-                # The op writes through its arguments' memory: views of p and its moments
-                # in p's memory order (zeros_like and loading keep p's strides; .view raises
+                # The op writes through its arguments' memory: p and its moments as they are
+                # when contiguous (the common case, no per-tensor work), else views in p's
+                # memory order (zeros_like and loading keep p's strides; .view raises
                 # rather than copy). The gradient is only read: a copy will do.
-                order = memory_order(p)
-                p_, m, v = (x.permute(order).view(-1)
-                            for x in (p, state["exp_avg"], state["exp_avg_sq"]))
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                if not all(x.is_contiguous() for x in tensors):
+                    order = memory_order(p)
+                    tensors = [x.permute(order).reshape(-1) if x is p.grad else
+                               x.permute(order).view(-1) for x in tensors]
+                p_, g, m, v = tensors
                 self.op.adam_update(self.id, t, group["lr"] * bc2 / bc1, beta1, beta2,
-                                    group["eps"] * bc2, wd, False, p_,
-                                    p.grad.permute(order).reshape(-1), m, v)
+                                    group["eps"] * bc2, wd, False, p_, g, m, v)
         return loss

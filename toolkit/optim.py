@@ -8,10 +8,10 @@ regularize Adam:
 * decoupled: ``p -= lr * wd * p`` outside the gradient (``torch.optim.AdamW``), ``lr``
   being the *scheduled* learning rate so that decay follows 1cycle.
 
-Both are torch's own optimizers: we only pick the fastest exact kernel for the device
-(torch's ``fused`` on CPU and CUDA, AMSGrad included; DeepSpeed's CPU kernel for large CPU
-runs and ZeRO offload, ``toolkit.cpu_adam``: see ``docs/benchmarks.md``) and build the
-parameter groups. ``impl="compiled"`` wraps ``step`` in ``torch.compile`` with lr and betas
+Both are torch's own optimizers: we only pick the fastest kernel torch has for the device
+(``fused`` on CPU and CUDA, AMSGrad included: see ``docs/benchmarks.md``; DeepSpeed's CPU
+kernel on request, ``impl="deepspeed"``, ``toolkit.cpu_adam``) and build the parameter
+groups. ``impl="compiled"`` wraps ``step`` in ``torch.compile`` with lr and betas
 held as tensors, so 1cycle changing them every step never recompiles.
 """
 
@@ -109,35 +109,22 @@ def param_groups(
     return groups
 
 
-DEEPSPEED_MIN_PARAMS = 10_000_000
-"""From this many CPU parameters ``auto`` steps Adam/AdamW with DeepSpeed's CPU kernel: its
-~10% faster step then saves more than the one-off build of its op (~1 minute)."""
+def default_impl(params: Iterable[torch.Tensor], name: str = "adamw") -> str:
+    """The fastest exact torch kernel for where the parameters live.
 
-
-def default_impl(params: Iterable[torch.Tensor], name: str = "adamw", amsgrad: bool = False,
-                 offload: bool = False) -> str:
-    """The fastest exact kernel for where the parameters live (or, with ``offload``, where
-    ZeRO steps them: CPU).
-
-    ``deepspeed`` (``toolkit.cpu_adam``) for Adam/AdamW without AMSGrad on float32 CPU
-    parameters, under ZeRO offload or from :data:`DEEPSPEED_MIN_PARAMS` parameters: ~10%
-    ahead of torch's fused kernel there. ``fused`` otherwise on CPU and CUDA, for
-    Adam/AdamW (AMSGrad included) and SGD: measured at 88-100% of the memory-bandwidth
-    bound on a 2-core CPU and ~80% on an H200 (``docs/benchmarks.md``), 2-5x ahead of
-    foreach and for-loop. Other devices: foreach; so is SGD on sharded parameters (FSDP2's
-    DTensors: torch 2.14 has no sharding rule for its fused kernel).
+    ``fused`` runs on CPU and CUDA for Adam/AdamW, AMSGrad included, and for SGD: measured
+    at 88-100% of the memory-bandwidth bound on a 2-core CPU and ~80% on an H200
+    (``docs/benchmarks.md``), 2-5x ahead of foreach and for-loop, and level with DeepSpeed's
+    CPU kernel (``--optim.impl deepspeed``) within the run-to-run noise, without its build.
+    Other devices: foreach; so is SGD on sharded parameters (FSDP2's DTensors: torch 2.14
+    has no sharding rule for its fused kernel).
     """
     from torch.distributed.tensor import DTensor
 
     params = list(params)
-    devices = {"cpu"} if offload else {p.device.type for p in params}
-    sharded = any(isinstance(p, DTensor) for p in params)
-    if name == "sgd" and sharded:
+    devices = {p.device.type for p in params}
+    if name == "sgd" and any(isinstance(p, DTensor) for p in params):
         return "foreach"
-    if (name in ("adam", "adamw") and not amsgrad and not sharded and devices == {"cpu"}
-            and all(p.dtype == torch.float32 for p in params)
-            and (offload or sum(p.numel() for p in params) >= DEEPSPEED_MIN_PARAMS)):
-        return "deepspeed"
     return "fused" if devices <= {"cpu", "cuda"} else "foreach"
 
 
@@ -155,7 +142,6 @@ def build_optimizer(
     impl: Impl = "auto",
     warmup_steps: int = 0,
     muon_adjust_lr: MuonAdjustLr = "match_rms_adamw",
-    offload: bool = False,
 ) -> torch.optim.Optimizer:
     """Build ``name`` over ``params`` (tensors or groups from :func:`param_groups`).
 
@@ -168,8 +154,7 @@ def build_optimizer(
     groups marked ``muon`` (:func:`param_groups`), AdamW over the others, one lr and one wd
     for both (``muon_adjust_lr`` ``match_rms_adamw``, Moonshot's scaling that lets Muon reuse
     AdamW's; ``original`` is Keller Jordan's, which wants a larger lr); Muon's momentum is
-    beta1, Nesterov. A group's ``lr_mult`` scales ``lr``. ``offload``: ZeRO will step CPU copies of
-    these parameters (what ``auto`` picks for). Defaults are the post's: betas
+    beta1, Nesterov. A group's ``lr_mult`` scales ``lr``. Defaults are the post's: betas
     (0.95, 0.99) at the start of 1cycle, eps 1e-8.
     """
     check_hparams(name=name, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, impl=impl,
@@ -202,7 +187,7 @@ def build_optimizer(
                                 amsgrad=amsgrad, impl=impl)
         return MuonWithAdamW(muon, adamw)
     if impl == "auto":
-        impl = default_impl((p for g in groups for p in g["params"]), name, amsgrad, offload)
+        impl = default_impl((p for g in groups for p in g["params"]), name)
     if impl == "deepspeed":
         from toolkit.cpu_adam import CPUAdam
 

@@ -102,8 +102,7 @@ class Trainer:
             model = batchnorm.sync_batchnorm(model)
 
         def build_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-            optimizer = self.stages[0].optim.build(model, layer_groups, self.total_steps,
-                                                   getattr(self.parallel, "offload", False))
+            optimizer = self.stages[0].optim.build(model, layer_groups, self.total_steps)
             # Each parameter's layer group, for freezing, read from the optimizer the strategy
             # builds: before a ZeRO engine swaps in flat copies, over FSDP2's shards.
             self._grouped = [(p, g["layer_group"]) for g in optimizer.param_groups

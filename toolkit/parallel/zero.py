@@ -15,9 +15,8 @@ AdamW/Adam, AMSGrad included) around its flat fp32 partitions, so AMSGrad's
 ``max_exp_avg_sq`` is sharded like ``exp_avg``. ``zero_force_ds_cpu_optimizer`` is off:
 with offload, Accelerate and DeepSpeed would otherwise swap in ``DeepSpeedCPUAdam``, which
 has no AMSGrad (0.19.8 raises; older releases ignored it silently) and copies only lr and
-weight decay. Under offload ``auto`` still steps Adam/AdamW with DeepSpeed's CPU kernel,
-through ``toolkit.cpu_adam`` (torch's state, every group's betas and eps); AMSGrad keeps
-torch's fused kernel.
+weight decay. DeepSpeed's CPU kernel is ``--optim.impl deepspeed`` (``toolkit.cpu_adam``:
+torch's state, every group's betas and eps).
 
 **Environment.** On CPU, DeepSpeed's ops and comm need ``DS_ACCELERATOR=cpu``, and its
 process group must be gloo, named explicitly, or Accelerate reports one process. A plain
