@@ -57,6 +57,7 @@ def test_compiled_run_resumes_bitwise(compiled, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow  # ~25 s: three runs, one of them 2 processes compiling
 def test_compiled_is_close_to_eager_and_two_processes_to_one(tmp_path):
     # Without dropout: inductor draws its masks with its own generator (seeded from torch's,
     # so resume holds), not eager's.
@@ -102,3 +103,25 @@ def test_stages_compile_once_more_and_resume_bitwise(tmp_path):
     a, b = (checkpoint_weights(r / "checkpoints" / "step_44") for r in (run, resumed))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["zero2", "zero3", "fsdp2"])
+def test_sharded_strategies_compile_a_fixed_number_of_graphs(strategy, tmp_path):
+    # DeepSpeed's engine wraps the compiled model (ZeRO-3's gathering hooks break it into
+    # more graphs); FSDP2 compiles each block's forward. Neither may recompile as the run
+    # goes on, and both train like one eager process.
+    eager = tmp_path / "eager"
+    launch(TINY, ["--output-dir", str(eager), "--dropout", "0", "--max-steps", "12",
+                  "--dump", str(eager) + ".dump"])
+    graphs = []
+    for steps in (12, 24):
+        run = tmp_path / f"{strategy}{steps}"
+        launch(TINY, ["--output-dir", str(run), "--compile", "--dropout", "0", "--strategy",
+                      strategy, "--max-steps", str(steps), "--dump", str(run) + ".dump"],
+               launcher="torchrun", timeout=600)
+        graphs.append(results(run)["compiled_graphs"])
+    assert graphs[0] >= 1 and graphs[1] == graphs[0]
+    (ref,), ranks = params(eager), params(tmp_path / f"{strategy}12", 2)
+    for k in ref:  # rank 0's: FSDP2 gathers the whole state dict there alone
+        torch.testing.assert_close(ranks[0][k], ref[k], rtol=1e-4, atol=1e-5)

@@ -88,9 +88,10 @@ class FSDP2(Strategy):
 
     def compile(self, model, mode) -> None:
         # torchtitan's way: each block compiled, then sharded; the root's all-gathers and
-        # the parts outside the blocks stay eager.
+        # the parts outside the blocks stay eager. Its forward, not the module: dynamo runs
+        # a compiled __call__ of a module that fully_shard wraps eagerly (0 graphs).
         for block in blocks(model):
-            block.compile(mode=mode)
+            block.forward = torch.compile(block.forward, mode=mode)
 
     def prepare(self, accelerator, model, build_optimizer) -> None:
         from torch.distributed.device_mesh import init_device_mesh
