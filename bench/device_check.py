@@ -61,8 +61,12 @@ def steps(cifar: str, wikitext: str, out: Path, dry: bool
 
 
 def last_line(output: str) -> str:
+    """The summary a step printed last (a table's row: the table follows the step table)."""
     lines = [line for line in output.splitlines() if line.strip()]
-    return lines[-1][:160].replace("|", "/") if lines else ""
+    if not lines:
+        return ""
+    return ("(its table is below)" if lines[-1].startswith("|")
+            else lines[-1][:160].replace("|", "/"))
 
 
 def figures(run: Path | None, output: str) -> str:
@@ -111,12 +115,13 @@ def main() -> None:
         start = time.perf_counter()
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=limit)
-            status, output = ("ok" if proc.returncode == 0 else f"exit {proc.returncode}",
-                              proc.stdout + proc.stderr)
+            status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+            # stdout last: its final line is the step's summary, not a library's warning.
+            output = proc.stderr + proc.stdout
         except subprocess.TimeoutExpired as e:
             # Captured output comes back as bytes here whatever text= said.
-            output = (e.stdout or b"").decode(errors="replace") + \
-                (e.stderr or b"").decode(errors="replace")
+            output = (e.stderr or b"").decode(errors="replace") + \
+                (e.stdout or b"").decode(errors="replace")
             status = f"timed out ({limit:.0f} s)"
         seconds = time.perf_counter() - start
         (out / f"{key}.log").write_text(output)
