@@ -8,7 +8,6 @@ compiles once more, not every step)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,13 @@ import torch
 
 from conftest import DIGITS, TINY, dumps, launch
 from toolkit.checkpoint import weights as checkpoint_weights
+from toolkit.run_folder import RunFolder
 
 ARGS = ["--compile", "--dropout", "0.2", "--checkpoint-every", "6", "--keep-checkpoints", "5"]
 
 
 def results(run: Path) -> dict:
-    return json.loads((run / "results.json").read_text())
+    return RunFolder(run).read_results()
 
 
 @pytest.fixture(scope="module")
