@@ -136,7 +136,7 @@ def main() -> None:
         lines = (out / "sharded-step.log").read_text().splitlines()
         table += ["", "Step inside ZeRO-2 and FSDP2:", "",
                   *[line for line in lines if line.startswith(("|", "CPU,", "NVIDIA"))]]
-    if (Path(args.cifar) / "data_batch_2.bin.gz").is_symlink():
+    if (Path(args.cifar) / "data_batch_2.bin").is_symlink():
         table += ["", "CIFAR-10 here: data_batch_2..5 are data_batch_1 again (what a device call "
                   "carries), so each epoch has the paper's 50,000 images but 10,000 distinct "
                   "ones: its seconds per epoch are the paper's, its accuracy is not."]
