@@ -5,9 +5,10 @@ Steps, each in its own process with its own time limit inside ``--budget`` (500 
 call may run 600; a failure is a row, never the end): the GPU tests and the QRNN kernel
 against its reference on CUDA; the optimizer-step roofline (``bench/optim_step.py``) and the
 step inside ZeRO-2 and FSDP2 (``bench/sharded_step.py``); one epoch of ``paper-lstm`` and of
-``paper-qrnn`` (no cache pointer); CIFAR-10 ``paper-18ep-tta`` in bf16 + channels-last with
-the time left (cut short, its last evaluation and seconds still count). Writes ``OUT/device_check.md``: the table (step, status,
-seconds, figures) and the benchmarks' own tables under it.
+``paper-qrnn`` (no cache pointer); CIFAR-10 ``paper-18ep-tta`` in bf16 + channels-last +
+``--compile`` with the time left (cut short, its last evaluation and seconds still count).
+Writes ``OUT/device_check.md``: the table (step, status, seconds, figures) and the
+benchmarks' own tables under it.
 
     python bench/device_check.py --cifar DIR --wikitext DIR --out OUT [--dry-run]
 """
@@ -53,9 +54,9 @@ def steps(cifar: str, wikitext: str, out: Path, dry: bool
           "64" if dry else "8192"], 60),
         ("lstm", "WikiText-2 paper-lstm, 1 epoch", lm("paper-lstm"), 90),
         ("qrnn", "WikiText-2 paper-qrnn, 1 epoch", lm("paper-qrnn"), 75),
-        ("cifar", "CIFAR-10 paper-18ep-tta, bf16 + channels-last",
+        ("cifar", "CIFAR-10 paper-18ep-tta, bf16 + channels-last + compile",
          [PY, "recipes/cifar10.py", "--preset", "paper-18ep-tta", "--precision", "bf16",
-          "--channels-last", "--data-dir", cifar, "--output-dir", str(out / "cifar"),
+          "--channels-last", "--compile", "--data-dir", cifar, "--output-dir", str(out / "cifar"),
           "--no-progress", *cifar_size], 300),
     ]
 

@@ -29,7 +29,7 @@ def test_dry_run_runs_every_step_into_one_table(tmp_path):
     assert steps == ["GPU tests", "QRNN kernel and cuDNN paths vs reference (CUDA)",
                      "optimizer step", "step inside ZeRO-2 and FSDP2",
                      "WikiText-2 paper-lstm, 1 epoch", "WikiText-2 paper-qrnn, 1 epoch",
-                     "CIFAR-10 paper-18ep-tta, bf16 + channels-last"]
+                     "CIFAR-10 paper-18ep-tta, bf16 + channels-last + compile"]
     assert all(" | ok | " in row for row in rows[:7]), rows
     assert "valid_ppl" in rows[4] and "valid_ppl" in rows[5] and "s of training" in rows[5]
     assert "plain_accuracy" in rows[6] and "tta_accuracy" in rows[6]
