@@ -1,6 +1,7 @@
 """The tree's layers, checked on the source (the map is ``toolkit/__init__.py``'s docstring):
-imports only go down, DeepSpeed is one module's, FSDP's and DDP's are theirs, the language
-model package and the experiment tools are leaves that the engine never imports."""
+imports only go down, DeepSpeed is ZeRO's module's (and its CPU Adam op's loader's), FSDP's
+and DDP's are theirs, the language model package and the experiment tools are leaves that
+the engine never imports."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def test_deepspeed_and_fsdp_are_their_strategy_modules():
     for name, path in modules().items():
         found = imports(path)
         if any(m.split(".")[0] == "deepspeed" for m in found):
-            assert name == "toolkit.parallel.zero", name
+            # ZeRO, and the CPU Adam op an optimizer kernel loads (its op builder alone).
+            assert name in ("toolkit.parallel.zero", "toolkit.cpu_adam"), name
         if any(m.startswith("torch.distributed.fsdp") or m.startswith(
                 "torch.distributed.checkpoint") for m in found):
             assert name == "toolkit.parallel.fsdp2", name
@@ -69,8 +71,8 @@ def test_deepspeed_and_fsdp_are_their_strategy_modules():
 # layers before it (a package's name covers its modules).
 LAYERS = [
     ["toolkit.errors", "toolkit.atomic"],
-    ["toolkit.optim", "toolkit.schedule", "toolkit.target", "toolkit.batchnorm",
-     "toolkit.models", "toolkit.parallel.base"],
+    ["toolkit.optim", "toolkit.cpu_adam", "toolkit.schedule", "toolkit.target",
+     "toolkit.batchnorm", "toolkit.models", "toolkit.parallel.base"],
     ["toolkit.parallel", "toolkit.distributed", "toolkit.lifecycle"],
     ["toolkit.sampler", "toolkit.data", "toolkit.tta"],
     ["toolkit.config"],

@@ -8,7 +8,9 @@ The layers, each importing only its own and those above it in this list
 - **Math and models**: :mod:`~toolkit.optim` (Adam-L2, AdamW, AMSGrad, SGD, schedule-free
   AdamW, Muon), :mod:`~toolkit.schedule` (1cycle and today's shapes, pure functions of the step),
   :mod:`~toolkit.target` (time to target), :mod:`~toolkit.batchnorm`, :mod:`toolkit.models`,
-  :mod:`toolkit.parallel.base` (what a strategy is).
+  :mod:`toolkit.parallel.base` (what a strategy is), :mod:`~toolkit.cpu_adam` (DeepSpeed's
+  CPU Adam kernel, ``--optim.impl deepspeed``: with ``parallel.zero`` the only modules that
+  import DeepSpeed).
 - **Parallel**: :mod:`toolkit.parallel` (``ddp``, ``zero``: DeepSpeed, ``fsdp2``),
   :mod:`~toolkit.distributed` (process group, world-size check, collectives),
   :mod:`~toolkit.lifecycle` (one run per folder, no worker outliving its launcher).
