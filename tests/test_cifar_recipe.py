@@ -52,6 +52,7 @@ def test_resume_mid_epoch_is_exact(one, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow  # 49 s: CI runs it after the default run (digits covers ZeRO-2 by default)
 def test_two_processes_zero2_train_like_one_and_resume_exactly(one, tmp_path):
     run = tmp_path / "zero2"
     proc = launch(CIFAR, [*SMALL, "--output-dir", str(run), "--strategy", "zero2",

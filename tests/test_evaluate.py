@@ -79,6 +79,7 @@ def test_bad_input_is_one_line(digits, tmp_path):
         assert expected in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # 59 s: CI runs it after the default run
 @pytest.mark.skipif(not WT2_DIR.is_dir(), reason=f"no WikiText-2 at {WT2_DIR}")
 def test_wikitext2_with_the_cache_pointer_reproduces_its_results(tmp_path):
     run = tmp_path / "wt2"
