@@ -77,7 +77,7 @@ LAYERS = [
     ["toolkit.sampler", "toolkit.data", "toolkit.tta"],
     ["toolkit.config"],
     ["toolkit.checkpoint", "toolkit.run_folder", "toolkit.stages", "toolkit.provenance",
-     "toolkit.lr_finder", "toolkit.resume", "toolkit.trainer"],
+     "toolkit.lr_finder", "toolkit.resume", "toolkit.trainer", "toolkit.trackers"],
     ["toolkit.lm"],
     ["toolkit.recipe", "toolkit.evaluate"],
     ["toolkit.experiments"],

@@ -20,7 +20,8 @@ The layers, each importing only its own and those above it in this list
 - **Engine**: :mod:`~toolkit.trainer` (the loop alone), :mod:`~toolkit.stages`,
   :mod:`~toolkit.checkpoint` (atomic, verified), :mod:`~toolkit.run_folder` (every file of a
   run folder, named once), :mod:`~toolkit.resume` (a run in its folder),
-  :mod:`~toolkit.lr_finder`, :mod:`~toolkit.provenance`.
+  :mod:`~toolkit.lr_finder`, :mod:`~toolkit.provenance`, :mod:`~toolkit.trackers`
+  (``--trackers``: TensorBoard, W&B, MLflow, CSV).
 - **Language models**: :mod:`toolkit.lm` (WikiText-2, AWD-LSTM/QRNN, their trainer, the
   cache pointer), built on the engine.
 - **Entry**: :mod:`~toolkit.recipe` (a recipe's one ``main``: parse, seed, build, train,

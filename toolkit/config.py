@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import io
 import json
 import math
@@ -35,6 +36,7 @@ from toolkit.optim import Impl, MuonAdjustLr, OptimizerName
 from toolkit.parallel import Strategy
 from toolkit.target import Target
 
+Tracker = Literal["tensorboard", "wandb", "mlflow", "csv"]  # toolkit/trackers.py
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
@@ -345,6 +347,12 @@ class TrainConfig:
     results.json records compiled_graphs."""
     compile_mode: CompileMode = "default"
     """torch.compile's mode (reduce-overhead: CUDA graphs; max-autotune: slower compile)."""
+    trackers: tuple[Tracker, ...] = ("tensorboard",)
+    """Where the scalars of metrics.jsonl also go (toolkit/trackers.py): tensorboard, wandb,
+    mlflow (MLFLOW_TRACKING_URI), csv (metrics.csv); a resumed run continues the same W&B
+    and MLflow run."""
+    tracker_project: str | None = None
+    """W&B project and MLflow experiment (default: the script's name, e.g. cifar10)."""
 
     def validate(self) -> None:
         if self.target is not None:
@@ -367,6 +375,13 @@ class TrainConfig:
             raise ValueError(f"clip={self.clip} must be > 0")
         if not self.dist_timeout > 0:
             raise ValueError(f"dist_timeout={self.dist_timeout} must be > 0 seconds")
+        for name in self.trackers:  # a missing package: refused before anything starts
+            if name != "csv":
+                try:
+                    importlib.import_module(name)
+                except ImportError as e:
+                    raise ValueError(f"--trackers {name}: {name} does not import ({e}); "
+                                     f"pip install {name}") from None
 
 
 # Sections whose fields are top-level flags (--epochs rather than --train.epochs).

@@ -120,7 +120,7 @@ def make_accelerator(strategy: Strategy, *, batch_size: int, grad_accum: int,
         kwargs["kwargs_handlers"] = [*kwargs["kwargs_handlers"], InitProcessGroupKwargs(
             backend=backend, timeout=datetime.timedelta(seconds=timeout_s))]
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
-                              log_with="tensorboard", project_dir=str(project_dir), **kwargs)
+                              project_dir=str(project_dir), **kwargs)
     check_world_size(accelerator)
     strategy.grad_accum = grad_accum
     strategy.check(precision=precision, clip=clip, freezes=freezes, device=accelerator.device)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from toolkit import checkpoint, lifecycle, provenance
+from toolkit import checkpoint, lifecycle, provenance, trackers
 from toolkit.distributed import any_failed
 from toolkit.errors import UserError
 from toolkit.optim import averaged_weights, schedule_free
+from toolkit.run_folder import RunFolder
 from toolkit.stages import stage_at
 
 
@@ -68,11 +69,26 @@ def start(trainer) -> None:
                             f"steps, this one has {trainer.total_steps}: resume with the same "
                             "--epochs/--max-steps/--batch-size")
         trainer.print(f"resumed from {path} at step {trainer.step}/{trainer.total_steps}")
+    start_trackers(trainer, path)
     if trainer.is_main:
         provenance.record(trainer.out, acc.device, acc.num_processes, trainer.parallel.name)
         folder.repair_metrics()
-    acc.init_trackers("tensorboard")
     trainer.print(describe(trainer))
+
+
+def start_trackers(trainer, path: Path | None) -> None:
+    """Start ``--trackers`` on the main process, continuing the tracked runs of the resumed
+    checkpoint's folder; collective, so that a failed start stops every rank."""
+    error, cfg = None, trainer.train_cfg
+    if trainer.is_main:
+        try:
+            trainer.accelerator.trackers = trackers.start(
+                cfg.trackers, trainer.folder, path and RunFolder(path.parent.parent),
+                cfg.tracker_project, trainer.recipe_config, provenance.git_state()[0])
+        except UserError as e:
+            error = e
+    if any_failed(error):
+        raise error or UserError("--trackers could not start on the main process")
 
 
 def describe(trainer) -> str:

@@ -8,11 +8,12 @@
     lr_find.json/.png  an LR range test (``--lr-find``)
     provenance.json    what made each start of the run, code-N.diff its uncommitted code
     eval.json          ``toolkit evaluate``'s scores; metrics.png ``toolkit plot``'s curves
+    metrics.csv        ``--trackers csv``; trackers.json the W&B and MLflow run ids
     .lock              held by the live run (:func:`toolkit.lifecycle.claim`)
 
 Whole files are written atomically (:mod:`toolkit.atomic`): a reader sees a file or none.
-``metrics.jsonl`` is appended to instead, so a crash can leave its last row torn: a row
-counts once its newline is written, and :meth:`RunFolder.repair_metrics` cuts the rest.
+``metrics.jsonl`` (and ``metrics.csv``) are appended to instead, so a crash can leave a last
+row torn: a row counts once its newline is written, and :func:`cut_torn_line` cuts the rest.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class RunFolder:
     WEIGHTS, MODEL_SPEC = "model.safetensors", "model.json"
     LR_FIND, LR_FIND_PLOT, LR_FIND_STATE = "lr_find.json", "lr_find.png", ".lr_find_state"
     PROVENANCE, EVAL, METRICS_PLOT, LOCK = "provenance.json", "eval.json", "metrics.png", ".lock"
+    METRICS_CSV, TRACKER_IDS = "metrics.csv", "trackers.json"
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))  # a str too: a command line's
@@ -55,6 +57,8 @@ class RunFolder:
     eval = property(lambda self: self.path / self.EVAL)
     metrics_plot = property(lambda self: self.path / self.METRICS_PLOT)
     lock = property(lambda self: self.path / self.LOCK)
+    metrics_csv = property(lambda self: self.path / self.METRICS_CSV)
+    tracker_ids = property(lambda self: self.path / self.TRACKER_IDS)
 
     def code_diff(self, start: int) -> Path:
         """The uncommitted changes of the code at start ``start`` (0: the first, then resumes)."""
@@ -91,6 +95,12 @@ class RunFolder:
     def read_provenance(self) -> list[dict]:
         return _read_json(self.provenance) or []
 
+    def write_tracker_ids(self, ids: dict) -> None:
+        _write_json(self.tracker_ids, ids)
+
+    def read_tracker_ids(self) -> dict:
+        return _read_json(self.tracker_ids) or {}
+
     # ---- the final weights ------------------------------------------------------------
     def write_weights(self, state: dict) -> None:
         """``state`` (name -> tensor) as one safetensors file, atomically."""
@@ -126,11 +136,7 @@ class RunFolder:
     def repair_metrics(self) -> None:
         """Cut a row that a crash left half-written (the resumed run logs that step again),
         so that every line stays one JSON object."""
-        if self.metrics.is_file():
-            data = self.metrics.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with open(self.metrics, "r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
+        cut_torn_line(self.metrics)
 
     # ---- what the folder holds --------------------------------------------------------
     def checkpoint_steps(self) -> list[int]:
@@ -151,6 +157,15 @@ class RunFolder:
     def holds_run(self) -> bool:
         """Whether a run was here: starting another one without ``--resume`` would mix them."""
         return self.status() != NEW
+
+
+def cut_torn_line(path: Path) -> None:
+    """Cut the end of an appended file after its last newline (a row a crash left torn)."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
 
 
 def _write_json(path: Path, obj) -> None:
