@@ -43,20 +43,22 @@ LR_CUT = 6
 """fastai 0.7's ``model_meta[resnet50][1]``: the first layer group is ``BODY[:6]``."""
 
 
-def cached_weights() -> Path:
-    """Where torchvision keeps the IMAGENET1K_V1 file once downloaded."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_URL.rsplit("/", 1)[1]
+def cached_weights(url: str = WEIGHTS_URL) -> Path:
+    """Where torchvision keeps the weights file of ``url`` once downloaded."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
 
 
-def imagenet_state_dict(weights: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """torchvision's resnet50 ImageNet state dict from ``weights`` or, without it, from
-    torchvision's cache; a one-line :class:`UserError` naming both when neither is there."""
-    path = Path(weights) if weights is not None else cached_weights()
+def imagenet_state_dict(weights: str | Path | None = None, url: str = WEIGHTS_URL,
+                        arch: str = "resnet50") -> dict[str, torch.Tensor]:
+    """torchvision's ``arch`` ImageNet state dict (the file of ``url``) from ``weights`` or,
+    without it, from torchvision's cache; a one-line :class:`UserError` naming both when
+    neither is there."""
+    path = Path(weights) if weights is not None else cached_weights(url)
     if not path.is_file():
         where = f"--weights {path} is not a file" if weights is not None else \
             f"{path} (torchvision's cache) is missing"
-        raise UserError(f"no ImageNet weights for resnet50: {where}; copy {WEIGHTS_URL} to "
-                        f"{cached_weights()} or pass --weights PATH (nothing downloads here)")
+        raise UserError(f"no ImageNet weights for {arch}: {where}; copy {url} to "
+                        f"{cached_weights(url)} or pass --weights PATH (nothing downloads here)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, in one line
@@ -65,6 +67,18 @@ def imagenet_state_dict(weights: str | Path | None = None) -> dict[str, torch.Te
     if not isinstance(state, dict):
         raise UserError(f"--weights {path} holds a {type(state).__name__}, not a state dict")
     return state
+
+
+def load_weights(net: nn.Module, arch: str, weights: str | Path | None, url: str) -> None:
+    """torchvision's ImageNet weights of ``arch`` into ``net`` (:func:`imagenet_state_dict`);
+    a file of another architecture is one line."""
+    path = weights if weights is not None else cached_weights(url)
+    result = net.load_state_dict(imagenet_state_dict(weights, url, arch), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        keys = result.missing_keys or result.unexpected_keys
+        raise UserError(f"--weights {path} is not torchvision's {arch}: "
+                        f"{len(result.missing_keys)} missing and "
+                        f"{len(result.unexpected_keys)} unexpected keys, e.g. {keys[0]}")
 
 
 class AdaptiveConcatPool2d(nn.Module):
@@ -133,13 +147,13 @@ def resnet50(num_classes: int, weights: str | Path | None = None, *, pretrained:
 
     net = torchvision.models.resnet50(weights=None)
     if pretrained:
-        path = weights if weights is not None else cached_weights()
-        result = net.load_state_dict(imagenet_state_dict(weights), strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            keys = result.missing_keys or result.unexpected_keys
-            raise UserError(f"--weights {path} is not torchvision's resnet50: "
-                            f"{len(result.missing_keys)} missing and "
-                            f"{len(result.unexpected_keys)} unexpected keys, e.g. {keys[0]}")
+        load_weights(net, "resnet50", weights, WEIGHTS_URL)
+    return _fastai_resnet(net, num_classes, xtra_fc, ps)
+
+
+def _fastai_resnet(net, num_classes: int, xtra_fc: tuple[int, ...] = (512,),
+                   ps: tuple[float, ...] | None = None
+                   ) -> tuple[FreezableSequential, list[nn.Module]]:
     body = [(name, getattr(net, name)) for name in BODY]
     model = FreezableSequential(OrderedDict([
         *body, ("pool", AdaptiveConcatPool2d()), ("flatten", nn.Flatten()),
@@ -148,3 +162,37 @@ def resnet50(num_classes: int, weights: str | Path | None = None, *, pretrained:
               nn.ModuleList([*(m for _, m in body[LR_CUT:]), model.pool]),
               model.head]
     return model, groups
+
+
+def torchvision_classifier(arch: str, num_classes: int, weights: str | Path | None = None, *,
+                           pretrained: bool = True) -> tuple[nn.Module, list[nn.Module]]:
+    """Any torchvision classification model by name, for ``num_classes``, with three layer
+    groups for the post's discriminative lrs and head-first stage. The ResNet family
+    (resnet18 ... resnet152, resnext, wide_resnet) gets fastai's body and head and groups
+    (:func:`resnet50`'s); any other model keeps its own head with its last ``Linear`` made
+    anew for ``num_classes``, and its body cut in two halves of its parameterized layers.
+    ``pretrained``: torchvision's default ImageNet weights for ``arch`` from ``weights`` or
+    torchvision's cache (nothing downloads); else a random initialization."""
+    import torchvision
+
+    try:
+        net = torchvision.models.get_model(arch, weights=None)
+        url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    except ValueError:
+        names = torchvision.models.list_models(torchvision.models)
+        raise UserError(f"--arch {arch} is not a torchvision classification model "
+                        f"(e.g. {', '.join(n for n in names if n.startswith('resnet'))})"
+                        ) from None
+    if pretrained:
+        load_weights(net, arch, weights, url)
+    if all(hasattr(net, n) for n in (*BODY, "fc")):
+        return _fastai_resnet(net, num_classes)
+    parent, name, last = next((mod, n, c) for mod in reversed(list(net.modules()))
+                              for n, c in reversed(list(mod.named_children()))
+                              if isinstance(c, nn.Linear))
+    setattr(parent, name, nn.Linear(last.in_features, num_classes))
+    head = getattr(parent, name)
+    layers = [m for m in net.modules() if m is not head and list(m.parameters(recurse=False))]
+    half = len(layers) // 2
+    return FreezableSequential(net), [nn.ModuleList(layers[:half]), nn.ModuleList(layers[half:]),
+                                      head]
