@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no WikiText-2 at {DA
 
 # A tiny AWD-LSTM with an adaptive softmax; valid/test cut to 3,000 tokens so the final
 # batch-size-1 and cache-pointer passes take a second.
-TINY = ["--preset", "cpu", "--data-dir", str(DATA), "--emb-size", "16", "--hidden-size", "24",
+TINY = ["--preset", "cpu-adam", "--data-dir", str(DATA), "--emb-size", "16", "--hidden-size", "24",
         "--bptt", "12", "--batch-size", "8", "--eval-batch-size", "4", "--eval-tokens", "3000",
         "--cache-bptt", "500", "--cache-window", "200", "--log-every", "1", "--no-progress",
         "--threads", "1"]
