@@ -52,7 +52,7 @@ import torch
 
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
-from toolkit.lm.data import Batching, load_wikitext2
+from toolkit.lm.data import Batching, Corpus, load_wikitext2
 from toolkit.lm.cache_pointer import check_cache_pointer
 from toolkit.errors import UserError
 from toolkit.lm import LanguageModel, LMTrainer
@@ -219,7 +219,13 @@ def build_trainer(cfg: Config, model: LanguageModel, train_ids: torch.Tensor,
 def build(cfg: Config) -> Run:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    corpus = load_wikitext2(cfg.data_dir)  # a missing folder is a one-line UserError
+    return build_on(cfg, load_wikitext2(cfg.data_dir))  # no folder: a one-line UserError
+
+
+def build_on(cfg: Config, corpus: Corpus, builder=None) -> Run:
+    """The run of ``cfg`` on a tokenized ``corpus`` (recipes/text.py's too); ``builder``, the
+    model function ``model.json`` names (its module is the recipe ``toolkit evaluate``
+    rebuilds), defaults to :func:`language_model`."""
     n = cfg.eval_tokens or None
     valid, test = corpus.valid[:n], corpus.test[:n]
     try:
@@ -235,7 +241,7 @@ def build(cfg: Config) -> Run:
                   f"vocabulary {corpus.vocab_size}")
 
     return Run(trainer, final_evaluation=trainer.cache_scores if cfg.cache else None,
-               model=(language_model, model_args(cfg, corpus.vocab_size)),
+               model=(builder or language_model, model_args(cfg, corpus.vocab_size)),
                summary=lambda r: "final: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()
                                                        if "ppl" in k))
 

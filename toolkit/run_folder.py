@@ -9,6 +9,7 @@
     provenance.json    what made each start of the run, code-N.diff its uncommitted code
     eval.json          ``toolkit evaluate``'s scores; metrics.png ``toolkit plot``'s curves
     metrics.csv        ``--trackers csv``; trackers.json the W&B and MLflow run ids
+    tokenizer.json     a language model's tokenizer (and tokenizer.model, sentencepiece's)
     .lock              held by the live run (:func:`toolkit.lifecycle.claim`)
 
 Whole files are written atomically (:mod:`toolkit.atomic`): a reader sees a file or none.
@@ -40,6 +41,7 @@ class RunFolder:
     LR_FIND, LR_FIND_PLOT, LR_FIND_STATE = "lr_find.json", "lr_find.png", ".lr_find_state"
     PROVENANCE, EVAL, METRICS_PLOT, LOCK = "provenance.json", "eval.json", "metrics.png", ".lock"
     METRICS_CSV, TRACKER_IDS = "metrics.csv", "trackers.json"
+    TOKENIZER, TOKENIZER_MODEL = "tokenizer.json", "tokenizer.model"
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))  # a str too: a command line's
@@ -94,6 +96,24 @@ class RunFolder:
 
     def read_provenance(self) -> list[dict]:
         return _read_json(self.provenance) or []
+
+    def write_tokenizer(self, meta: dict, sp_model: bytes | None) -> None:
+        """``meta`` (``tokenizer``, ``vocab``) and the sentencepiece model, unless the folder
+        holds a tokenizer already (never replaced: it belongs to the run there)."""
+        if (self.path / self.TOKENIZER).is_file():
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        if sp_model is not None:
+            write_atomic(self.path / self.TOKENIZER_MODEL, sp_model)
+        _write_json(self.path / self.TOKENIZER, meta)
+
+    def read_tokenizer(self) -> dict | None:
+        """``tokenizer``, ``vocab`` and ``sp_model`` (bytes or None); None when absent."""
+        meta = _read_json(self.path / self.TOKENIZER)
+        if meta is None:
+            return None
+        model = self.path / self.TOKENIZER_MODEL
+        return {**meta, "sp_model": model.read_bytes() if meta["tokenizer"] != "word" else None}
 
     def write_tracker_ids(self, ids: dict) -> None:
         _write_json(self.tracker_ids, ids)
