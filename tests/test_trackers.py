@@ -132,3 +132,20 @@ def test_a_tracker_whose_package_is_missing_is_one_line(tmp_path):
     assert "--trackers wandb: wandb does not import (no wandb here); pip install wandb" \
         in proc.stderr, proc.stderr
     assert not run.exists()
+
+
+@pytest.mark.slow  # ~20 s: CI runs it after the default run
+def test_two_processes_track_once(tmp_path):
+    run = tmp_path / "run"
+    launch(DIGITS, ["--output-dir", str(run), *ARGS[:-6], "--trackers", "mlflow", "csv",
+                    "--tracker-project", "two"], launcher="torchrun", **tracker_env(tmp_path))
+    ids = json.loads((run / "trackers.json").read_text())
+    store = client(tmp_path)
+    experiment = store.get_experiment_by_name("two").experiment_id
+    assert [r.info.run_id for r in store.search_runs([experiment])] == [ids["mlflow"]]
+    losses = rows(run, "train_loss")
+    assert dict(mlflow_history(tmp_path, ids["mlflow"], "train_loss")) == pytest.approx(losses)
+    with open(run / "metrics.csv") as f:
+        got = [(int(r["step"]), float(r["value"])) for r in csv.DictReader(f)
+               if r["name"] == "train_loss"]
+    assert got == sorted(losses.items())  # each row once: only the main process writes
