@@ -19,7 +19,7 @@ from toolkit.recipe import load_model
 CIFAR = ROOT / "recipes" / "cifar10.py"
 DATA = Path(os.environ.get("CIFAR10_DIR", ROOT.parent / "shared/data/cifar-10-batches-bin"))
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"no CIFAR-10 at {DATA}")
-SMALL = ["--preset", "cpu", "--data-dir", str(DATA), "--width", "4", "--batch-size", "64",
+SMALL = ["--preset", "cpu-adamw", "--data-dir", str(DATA), "--width", "4", "--batch-size", "64",
          "--max-steps", "6", "--checkpoint-every", "3", "--keep-checkpoints", "5",
          "--no-progress"]
 

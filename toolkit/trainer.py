@@ -75,13 +75,16 @@ class Trainer:
     learning rates, and is what a stage's ``train_groups`` counts. Build the model after
     seeding (``torch.manual_seed(train.seed)``) so every rank starts from the same weights.
     ``recipe_config``: the whole recipe config, written to ``config.json``.
+    ``label_smoothing``: of the training loss (the evaluation's loss stays the plain NLL).
     """
 
     def __init__(self, model: nn.Module, train_data: Data, eval_data: Data | None = None,
                  *, train: TrainConfig, optim: OptimConfig | None = None,
                  schedule: ScheduleConfig | None = None, stages: list[Stage] | None = None,
-                 recipe_config: dict | None = None, layer_groups: list[nn.Module] | None = None):
+                 recipe_config: dict | None = None, layer_groups: list[nn.Module] | None = None,
+                 label_smoothing: float = 0.0):
         self.train_cfg, self.recipe_config = train, recipe_config
+        self.label_smoothing = label_smoothing
         self.out, self.folder = Path(train.output_dir), RunFolder(train.output_dir)
         self.stages = list(stages) if stages else [Stage(train.epochs, optim, schedule)]
         check_stages(self.stages, len(layer_groups) if layer_groups else 1)
@@ -125,7 +128,7 @@ class Trainer:
     def train_step(self, batch) -> torch.Tensor:
         """Loss of one micro-batch (mean over its examples)."""
         inputs, targets = batch
-        return F.cross_entropy(self.model(inputs), targets)
+        return F.cross_entropy(self.model(inputs), targets, label_smoothing=self.label_smoothing)
 
     def eval_step(self, batch) -> dict[str, torch.Tensor]:
         """Sums over one batch, with ``count``; the trainer reports ``sum / count``."""
