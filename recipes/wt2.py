@@ -11,15 +11,19 @@ layer's output before the output dropout (``seq2seq_reg`` reads ``RNN_Encoder``'
 ``outputs[-1]``; ``LinearDecoder`` drops its own copy).
 
 ``cpu`` (the default) trains a small AWD-LSTM with an adaptive softmax on the real data on 2
-CPU cores: measured 2026-11-26 on 2 idle AMD EPYC cores (torch 2.14.1, 2 threads), valid
-perplexity **146.1** (115.7 with the cache pointer; test 135.6 / 107.6) in 10.3 minutes from
-start to ``results.json`` (2 epochs, 9.2 minutes of training), where a plain 2-layer 256-unit
-LSTM reached 200.3 in 7.5 minutes. Under 2 processes with ZeRO-2: see ``docs/benchmarks.md``.
+CPU cores with Muon at 2e-2 (AdamW on the embedding, biases and softmax;
+``docs/contenders.md`` found it the fastest): measured 2026-12-07 on 2 idle AMD EPYC cores
+(torch 2.14.1, 2 threads, fresh clone), valid perplexity **124.4** (110.2 with the cache
+pointer; test 116.2 / 103.0) in 6 min 37 s from start to exit (2 epochs). ``cpu-adam``, the
+preset before it (the post's Adam at 5e-3; the one for ZeRO and FSDP2, which refuse Muon):
+146.1 (115.7 with the cache; test 135.6 / 107.6) in 10.3 minutes on 2026-11-26, where a plain
+2-layer 256-unit LSTM reached 200.3 in 7.5 minutes. Under 2 processes with ZeRO-2: see
+``docs/benchmarks.md``.
 
     accelerate launch recipes/wt2.py --preset cpu --data-dir ../shared/data/wikitext-2
     accelerate launch --config_file launch/cpu-2proc.yaml recipes/wt2.py --preset cpu \\
         --data-dir ../shared/data/wikitext-2
-    accelerate launch --config_file launch/cpu-zero2.yaml recipes/wt2.py --preset cpu \\
+    accelerate launch --config_file launch/cpu-zero2.yaml recipes/wt2.py --preset cpu-adam \\
         --data-dir ../shared/data/wikitext-2
     accelerate launch --config_file launch/single-gpu.yaml recipes/wt2.py --preset paper-lstm
     python recipes/wt2.py --preset cpu --lr-find --data-dir ../shared/data/wikitext-2
@@ -175,8 +179,8 @@ def cpu_adam() -> Config:
 
 def cpu() -> Config:
     # cpu_adam's model, data and schedule with Muon at 2e-2 (AdamW on the embedding, the
-    # biases and the softmax), what docs/contenders.md found fastest: valid perplexity under
-    # 130 without the cache in the same two epochs.
+    # biases and the softmax), what docs/contenders.md found fastest: valid perplexity 124.4
+    # without the cache in the same two epochs (146.1 with cpu_adam).
     cfg = cpu_adam()
     return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, name="muon", lr=2e-2))
 

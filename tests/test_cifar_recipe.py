@@ -73,16 +73,17 @@ def test_two_processes_zero2_train_like_one_and_resume_exactly(one, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_cpu_preset_beats_the_baseline(tmp_path):
-    """The `cpu` preset in full (about 9 minutes on 2 cores, with torch's threads as it was
-    measured: the tests' one thread takes 14): above the 87.3% of the plain ResNet-9
-    baseline, and test-time augmentation does not lose accuracy. Resumed at its end, the
-    run reports the same results."""
+    """The `cpu` preset in full (9-15 minutes on 2 cores, with torch's threads as it was
+    measured): at the goal's 90% (measured 90.39%; the bound leaves half a point to another
+    CPU's reduction order), far above the 87.3% of the plain ResNet-9 baseline, and
+    test-time augmentation does not lose accuracy. Resumed at its end, the run reports the
+    same results."""
     run = tmp_path / "cpu"
     threads = str(torch.get_num_threads())
     launch(CIFAR, ["--preset", "cpu", "--data-dir", str(DATA), "--output-dir", str(run),
                    "--no-progress"], timeout=2300, OMP_NUM_THREADS=threads)
     results = json.loads((run / "results.json").read_text())
-    assert results["valid_accuracy"] > 0.873, results
+    assert results["valid_accuracy"] >= 0.895, results
     assert results["tta_accuracy"] >= results["plain_accuracy"], results
     (run / "results.json").unlink()
     launch(CIFAR, ["--preset", "cpu", "--data-dir", str(DATA), "--output-dir", str(run),

@@ -88,6 +88,20 @@ def test_a_datasets_folder_trains_like_the_image_folder(folder, tmp_path):
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
 
 
+@pytest.mark.slow  # ~40 s: CI runs it after the default run
+def test_two_processes_under_zero2_and_the_lr_finder(folder, tmp_path):
+    common = ["--preset", "scratch", "--data-dir", str(folder), "--skip-bad-images", "--no-tta",
+              *SMALL]
+    run = tmp_path / "zero2"
+    proc = launch(IMAGES, [*common, "--output-dir", str(run), "--epochs", "2", "--strategy",
+                           "zero2"], launcher="torchrun")
+    assert "on 2 process(es)" in proc.stdout and "(zero2)" in proc.stdout, proc.stdout
+    assert 0 <= RunFolder(run).read_results()["valid_accuracy"] <= 1
+    found = tmp_path / "lr"
+    launch(IMAGES, [*common, "--output-dir", str(found), "--lr-find"])
+    assert RunFolder(found).read_lr_find()["suggestions"]
+
+
 def bad_folder(tmp: Path, case: str) -> tuple[Path, list[str], str]:
     """A data folder with one fault, extra flags, and the line it must give."""
     root = tmp / case
