@@ -43,6 +43,7 @@ def test_a_few_steps_write_the_run_contracts(one):
         assert torch.equal(final[k], reloaded[k]), k
 
 
+@pytest.mark.slow  # 30 s: CI runs it after the default run (the digits tests resume by default)
 def test_resume_mid_epoch_is_exact(one, tmp_path):
     resumed = tmp_path / "resumed"
     launch(CIFAR, [*SMALL, "--output-dir", str(resumed), "--resume",
