@@ -41,6 +41,7 @@ from torch import nn
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
 from toolkit.data.cars import SIZE, SideOn, cars_data
+from toolkit.data.images import check_image_flags
 from toolkit.tta import accuracy_line, tta_evaluation
 from toolkit.models.resnet import resnet50
 from toolkit.recipe import Run
@@ -85,12 +86,7 @@ class Config:
             raise ValueError("--data-dir is required: a Stanford Cars folder (torchvision's "
                              "StanfordCars layout or images with labels.csv)")
         check_head_first(self.freeze_epochs, self.freeze_lr)
-        if self.size < 32:
-            raise ValueError(f"--size={self.size} must be >= 32 (ResNet50 downsamples 32x)")
-        if self.workers < 0:
-            raise ValueError(f"--workers={self.workers} must be >= 0")
-        if self.weights is not None and not self.pretrained:
-            raise ValueError(f"--weights {self.weights} with --no-pretrained: choose one")
+        check_image_flags(self.size, self.workers, self.weights, self.pretrained)
 
 
 def cpu() -> Config:

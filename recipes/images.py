@@ -40,7 +40,7 @@ from torch import nn
 from toolkit import recipe
 from toolkit.config import OptimConfig, ScheduleConfig, Train, TrainConfig, to_dict
 from toolkit.data.cars import SIZE, SideOn
-from toolkit.data.images import check_images, image_loaders, read_images
+from toolkit.data.images import check_image_flags, check_images, image_loaders, read_images
 from toolkit.models.resnet import torchvision_classifier
 from toolkit.recipe import Run
 from toolkit.stages import check_head_first, head_first
@@ -97,12 +97,7 @@ class Config:
             raise ValueError("--data-dir is required: an image folder, a folder with "
                              "labels.csv, a datasets save_to_disk folder or hf:NAME")
         check_head_first(self.freeze_epochs, self.freeze_lr)
-        if self.size < 32:
-            raise ValueError(f"--size={self.size} must be >= 32")
-        if self.workers < 0:
-            raise ValueError(f"--workers={self.workers} must be >= 0")
-        if self.weights is not None and not self.pretrained:
-            raise ValueError(f"--weights {self.weights} with --no-pretrained: choose one")
+        check_image_flags(self.size, self.workers, self.weights, self.pretrained)
         if self.tta and self.augment == "none":
             raise ValueError("--tta needs an --augment (side-on or flip-crop)")
 

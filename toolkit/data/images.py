@@ -163,6 +163,17 @@ def _hf_columns(split, image_column: str | None, label_column: str | None, where
     return image, label
 
 
+def check_image_flags(size: int, workers: int, weights: str | None, pretrained: bool) -> None:
+    """An image recipe's ``--size``, ``--workers``, ``--weights``/``--no-pretrained`` (cars,
+    images); a ValueError that the config turns into one line."""
+    if size < 32:
+        raise ValueError(f"--size={size} must be >= 32 (a ResNet downsamples 32x)")
+    if workers < 0:
+        raise ValueError(f"--workers={workers} must be >= 0")
+    if weights is not None and not pretrained:
+        raise ValueError(f"--weights {weights} with --no-pretrained: choose one")
+
+
 def read_images(data_dir: str, *, valid_pct: float = 0.2, seed: int = 0,
                 image_column: str | None = None, label_column: str | None = None
                 ) -> tuple[dict[str, Split], list[str]]:
