@@ -159,3 +159,15 @@ def test_more_bad_input_is_one_line(case, tmp_path):
     with pytest.raises(UserError) as e:
         images.build(cfg)
     assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_hf_name_goes_through_load_dataset(folder):
+    """``hf:NAME`` is ``datasets.load_dataset(NAME)``: here a local image folder (its
+    imagefolder builder; nothing downloads), with the folder reader's classes and counts."""
+    from toolkit.data.images import read_images
+
+    via_hf, classes = read_images(f"hf:{folder}")
+    direct, same = read_images(str(folder))
+    assert classes == same == list(image_folder.CLASSES)
+    assert {k: len(v.samples) for k, v in via_hf.items()} == \
+        {k: len(v.samples) for k, v in direct.items()}

@@ -100,3 +100,13 @@ def test_more_bad_text_is_one_line(case, tmp_path):
     with pytest.raises(UserError) as e:
         text.build(cfg)
     assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_hf_name_goes_through_load_dataset(tmp_path):
+    """``hf:NAME`` is ``datasets.load_dataset(NAME)``: here a local folder of text files
+    (its text builder; nothing downloads), giving the lines the folder reader gives."""
+    from recipes.text import read_text
+
+    data = text_corpus.write(tmp_path / "corpus", n_train=60)
+    via_hf, direct = read_text(f"hf:{data}", "text"), read_text(str(data), "text")
+    assert {k: [l.rstrip("\n") for l in v] for k, v in direct.items()} == via_hf
