@@ -19,9 +19,10 @@ exit. That machine ran a plain PyTorch loop of this net at 0.59x the speed it ha
 2026-12-01 (``bench/augment.py``: 742 against 1,250 images/s), when ``cpu-adamw``'s 2,145
 steps took 8 min 38 s of training (Muon's step costs what AdamW's does here: 56 against 59 s
 for 150 steps, the same day). Not measured under 10 minutes yet, so: the goal's accuracy
-(>= 90% plain), on a machine slower than the goal's. Without the smoothing: 89.78% (91.08% with TTA). ``cpu-adamw``, the preset before
-(AdamW at 4e-3, ZeRO- and FSDP2-ready: they refuse Muon): 88.27%, 89.24% with TTA, in
-9 min 11 s on 2026-12-01 (the baseline it had to beat: 87.3% in 7.4 minutes).
+(>= 90% plain), on a machine slower than the goal's. Without the smoothing: 89.78% (91.08%
+with TTA). ``cpu-adamw``, the preset before (AdamW at 4e-3, ZeRO- and FSDP2-ready: they
+refuse Muon): 88.27%, 89.24% with TTA, in 9 min 11 s on 2026-12-01 (the baseline it had to
+beat: 87.3% in 7.4 minutes).
 
 The whole data set lives on the device as uint8 tensors; the augmentation is batched tensor
 ops there, drawn from (seed, step, position in the global batch), so a resumed run and N

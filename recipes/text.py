@@ -35,7 +35,8 @@ import torch
 from recipes import wt2
 from toolkit import recipe
 from toolkit.errors import UserError
-from toolkit.lm.data import DEFAULT_SP_VOCAB, SPLITS, Corpus, tokenize
+from toolkit.data.source import open_datasets
+from toolkit.lm.data import DEFAULT_SP_VOCAB, SPLITS, Corpus, read_lines, tokenize
 from toolkit.recipe import Run
 from toolkit.run_folder import RunFolder
 
@@ -75,9 +76,10 @@ PRESETS = {name: (lambda p=p: from_wt2(p)) for name, p in wt2.PRESETS.items()}
 
 def read_text(data_dir: str, text_column: str) -> dict[str, list[str]]:
     """Lines of train, valid and test; one line for what is missing or unreadable."""
+    splits = open_datasets(data_dir)
+    if splits is not None:
+        return _read_datasets(data_dir, splits, text_column)
     d = Path(data_dir)
-    if data_dir.startswith("hf:") or (d / "dataset_dict.json").is_file():
-        return _read_datasets(data_dir, text_column)
     paths = {s: d / f"{s}.txt" for s in SPLITS}
     missing = [p.name for p in paths.values() if not p.is_file()]
     if missing:
@@ -87,30 +89,20 @@ def read_text(data_dir: str, text_column: str) -> dict[str, list[str]]:
     lines = {}
     for split, path in paths.items():
         try:
-            with path.open(encoding="utf-8") as f:
-                lines[split] = f.readlines()
+            lines[split] = read_lines(path)
         except UnicodeDecodeError as e:
             raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it "
                             "to UTF-8 (iconv -f LATIN1 -t UTF-8, say)") from None
     return lines
 
 
-def _read_datasets(data_dir: str, text_column: str) -> dict[str, list[str]]:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(data_dir[3:]) if data_dir.startswith("hf:") \
-            else datasets.load_from_disk(data_dir)
-    except Exception as e:  # noqa: BLE001 - the library's reason, in one line
-        raise UserError(f"--data-dir {data_dir}: not a readable datasets data set "
-                        f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
-    names = {"train": ("train",), "valid": ("validation", "valid"), "test": ("test",)}
+def _read_datasets(data_dir: str, splits: dict, text_column: str) -> dict[str, list[str]]:
     lines = {}
-    for split, options in names.items():
-        found = next((ds[o] for o in options if o in ds), None)
-        if found is None:
-            raise UserError(f"--data-dir {data_dir}: no {'/'.join(options)} split (has "
-                            f"{', '.join(ds)})")
+    for split in SPLITS:
+        if split not in splits:
+            raise UserError(f"--data-dir {data_dir}: no {split} split (has "
+                            f"{', '.join(splits)}; valid may be named validation)")
+        found = splits[split]
         if text_column not in found.column_names:
             raise UserError(f"--data-dir {data_dir}: no column {text_column!r} (columns: "
                             f"{', '.join(found.column_names)}); name it with --text-column")

@@ -145,12 +145,17 @@ def _read_csv(path: Path, split: str) -> tuple[list[Sample], list[str]]:
     splits = {r["split"] for r in rows} - {"train", "test"}
     if splits:
         raise UserError(f"{path}: split must be train or test, got {sorted(splits)[0]!r}")
-    labels = {r["label"] for r in rows}
-    numeric = all(s.lstrip("-").isdigit() for s in labels)
-    classes = sorted(labels, key=int if numeric else str)
+    classes = sorted_labels(r["label"] for r in rows)
     index = {c: i for i, c in enumerate(classes)}
     return ([Sample(str(path.parent / r["filename"]), index[r["label"]])
              for r in rows if r["split"] == split], classes)
+
+
+def sorted_labels(labels) -> list[str]:
+    """The distinct ``labels``, sorted numerically when all are integers, else as text."""
+    labels = set(labels)
+    numeric = all(s.lstrip("-").isdigit() for s in labels)
+    return sorted(labels, key=int if numeric else str)
 
 
 # ---- transforms ------------------------------------------------------------------------

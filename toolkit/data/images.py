@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from toolkit.data.cars import SIZE, SideOn, eval_image
-from toolkit.data.source import Loader, mix_seed
+from toolkit.data.cars import SIZE, SideOn, eval_image, sorted_labels
+from toolkit.data.source import Loader, mix_seed, open_datasets
 from toolkit.errors import UserError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -81,12 +81,6 @@ def _rgb(im) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
 
 
-def _classes(labels) -> list[str]:
-    labels = set(labels)
-    numeric = all(s.lstrip("-").isdigit() for s in labels)
-    return sorted(labels, key=int if numeric else str)
-
-
 def _index(split_name: str, pairs: list[tuple[str | int, str]], classes: list[str],
            where: str) -> list[Sample]:
     index = {c: i for i, c in enumerate(classes)}
@@ -129,23 +123,6 @@ def _read_csv(path: Path) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def _hf_splits(data_dir: str) -> dict:
-    import datasets
-
-    try:
-        if data_dir.startswith("hf:"):
-            ds = datasets.load_dataset(data_dir[3:])
-        else:
-            ds = datasets.load_from_disk(data_dir)
-    except Exception as e:  # noqa: BLE001 - the library's reason, in one line
-        raise UserError(f"--data-dir {data_dir}: not a readable datasets data set "
-                        f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
-    if isinstance(ds, datasets.Dataset):
-        ds = {"train": ds}
-    names = {"train": "train", "validation": "valid", "valid": "valid", "test": "test"}
-    return {names[k]: v for k, v in ds.items() if k in names}
-
-
 def _hf_columns(split, image_column: str | None, label_column: str | None, where: str):
     import datasets
 
@@ -180,10 +157,8 @@ def read_images(data_dir: str, *, valid_pct: float = 0.2, seed: int = 0,
     """The splits (``train``, ``valid``, maybe ``test``) and the class names of the data at
     ``data_dir`` (see the module docstring); one-line :class:`UserError` for what is wrong."""
     d = Path(data_dir)
-    rows, column = {}, None
-    if data_dir.startswith("hf:") or (d / "dataset_dict.json").is_file() or \
-            (d / "dataset_info.json").is_file():
-        rows = _hf_splits(data_dir)
+    rows, column = open_datasets(data_dir) or {}, None
+    if rows:
         if "train" not in rows:
             raise UserError(f"--data-dir {data_dir}: no train split (has {', '.join(rows)})")
         column, label = _hf_columns(rows["train"], image_column, label_column, data_dir)
@@ -191,7 +166,7 @@ def read_images(data_dir: str, *, valid_pct: float = 0.2, seed: int = 0,
         names = getattr(feat, "names", None)
         pairs = {k: [(i, names[v] if names else str(v)) for i, v in enumerate(s[label])]
                  for k, s in rows.items()}
-        classes = list(names) if names else _classes(l for _, l in pairs["train"])
+        classes = list(names) if names else sorted_labels(l for _, l in pairs["train"])
     elif (d / "labels.csv").is_file():
         pairs = _read_csv(d / "labels.csv")
     elif (d / "train").is_dir():
@@ -201,7 +176,7 @@ def read_images(data_dir: str, *, valid_pct: float = 0.2, seed: int = 0,
     if not pairs.get("train"):
         raise UserError(f"--data-dir {data_dir}: no training images")
     if column is None:
-        classes = _classes(l for _, l in pairs["train"])
+        classes = sorted_labels(l for _, l in pairs["train"])
         missing = [str(s) for s, _ in pairs["train"] if not Path(s).is_file()]
         if missing:
             raise UserError(f"--data-dir {data_dir}: {len(missing)} listed images are "

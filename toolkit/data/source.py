@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from toolkit.errors import UserError
 from toolkit.sampler import GlobalBatchSampler, ShardSampler
 
 
@@ -41,6 +43,28 @@ class Data(Protocol):
     def batches(self, step: int) -> Iterator: ...
 
     def eval_batches(self) -> Iterator: ...
+
+
+def open_datasets(data_dir: str) -> dict | None:
+    """A Hugging Face data set's splits as ``train``/``valid``/``test`` (those it has):
+    ``hf:NAME`` through ``load_dataset`` (its local cache, or a local folder), or a folder
+    written by ``save_to_disk``; None when ``data_dir`` is neither. Unreadable: one line."""
+    d = Path(data_dir)
+    if not (data_dir.startswith("hf:") or (d / "dataset_dict.json").is_file()
+            or (d / "dataset_info.json").is_file()):
+        return None
+    import datasets  # here: it takes seconds
+
+    try:
+        ds = datasets.load_dataset(data_dir[3:]) if data_dir.startswith("hf:") \
+            else datasets.load_from_disk(data_dir)
+    except Exception as e:  # noqa: BLE001 - the library's reason, in one line
+        raise UserError(f"--data-dir {data_dir}: not a readable datasets data set "
+                        f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+    if isinstance(ds, datasets.Dataset):
+        ds = {"train": ds}
+    names = {"train": "train", "validation": "valid", "valid": "valid", "test": "test"}
+    return {names[k]: v for k, v in ds.items() if k in names}
 
 
 def mix_seed(*parts: int) -> int:
