@@ -1,10 +1,12 @@
 """Eager vs ``--compile`` (torch.compile, inductor) for the three model families the toolkit
 trains: one training step (forward, loss, backward, AdamW step) on a synthetic batch of the
 recipes' ``cpu`` preset shapes, its median time after warm-up, and the compiled warm-up
-(the first steps, which compile) beside it.
+(the first steps, which compile) beside it. ``--settings`` adds rows for bf16 autocast and
+channels-last memory (images only), each against the same model's fp32 eager step.
 
     python bench/compile.py                          # CPU: ~10 minutes on 2 cores
     python bench/compile.py --models digits --steps 5 --out docs/benchmarks.md
+    python bench/compile.py --models resnet9 --settings fp32 channels-last bf16 bf16-channels-last
 
 Each model is built fresh for each mode from the same seed; the compiled one goes through
 ``nn.Module.compile`` as the trainer's ``--compile`` does.
@@ -29,23 +31,25 @@ from report import device_name, emit  # noqa: E402
 from toolkit.optim import build_optimizer  # noqa: E402
 
 
-def digits():
+def digits(memory_format: torch.memory_format):
     from recipes.digits import convnet
 
     model, x, y = convnet(32, 0.1), torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    model, x = model.to(memory_format=memory_format), x.contiguous(memory_format=memory_format)
     return model, lambda: F.cross_entropy(model(x), y)
 
 
-def resnet9():
+def resnet9(memory_format: torch.memory_format):
     from recipes.cifar10 import build_model
 
-    model = build_model("resnet9", 16)
-    x, y = torch.randn(256, 3, 32, 32), torch.randint(0, 10, (256,))
+    model = build_model("resnet9", 16).to(memory_format=memory_format)
+    x = torch.randn(256, 3, 32, 32).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (256,))
     return model, lambda: F.cross_entropy(model(x), y)
 
 
 def language_model(kind: str):
-    def make():
+    def make(memory_format: torch.memory_format):  # no images: the format does not apply
         from recipes.wt2 import build_model, cpu
 
         cfg = dataclasses.replace(cpu(), model=kind)
@@ -66,17 +70,28 @@ MODELS: dict[str, Callable] = {"digits": digits, "resnet9": resnet9,
                                "awd-qrnn": language_model("qrnn")}
 
 
-def timed(make: Callable, compile_: bool, warmup: int, steps: int) -> tuple[float, float, int]:
+SETTINGS = {"fp32": (False, torch.contiguous_format),
+            "channels-last": (False, torch.channels_last),
+            "bf16": (True, torch.contiguous_format),
+            "bf16-channels-last": (True, torch.channels_last)}
+"""name: (bf16 autocast, memory format of the model and the images)."""
+
+
+def timed(make: Callable, compile_: bool, warmup: int, steps: int,
+          setting: str = "fp32") -> tuple[float, float, int]:
     """(seconds of the first ``warmup`` steps, median seconds per step after, params)."""
+    bf16, memory_format = SETTINGS[setting]
     torch.manual_seed(0)
-    model, loss_of = make()
+    model, loss_of = make(memory_format)
     model.train()
     if compile_:
         model.compile()
     opt = build_optimizer(model.parameters(), "adamw", 1e-3, weight_decay=0.01)
 
     def step():
-        loss_of().backward()
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = loss_of()
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -97,6 +112,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
+    parser.add_argument("--settings", nargs="+", default=["fp32"], choices=list(SETTINGS),
+                        help="precision and memory format (rows; ratios against fp32 eager)")
     parser.add_argument("--out", help="also append the markdown to this file")
     args = parser.parse_args()
     import torch._dynamo
@@ -106,15 +123,22 @@ def main() -> None:
              f"after {args.warmup} (AdamW, fused kernel; batch of the `cpu` presets)",
              f"Command: `python {' '.join(sys.argv)}`", "",
              "| model | params | eager ms/step | compiled ms/step | speed-up | eager first "
-             f"{args.warmup} steps s | compiled first {args.warmup} steps s (compiling) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"{args.warmup} steps s | compiled first {args.warmup} steps s (compiling) | "
+             "eager vs fp32 eager | compiled vs fp32 eager |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in args.models:
-        torch._dynamo.reset()
-        eager_first, eager, n = timed(MODELS[name], False, args.warmup, args.steps)
-        comp_first, comp, _ = timed(MODELS[name], True, args.warmup, args.steps)
-        lines.append(f"| {name} | {n / 1e6:.2f}M | {eager * 1e3:.1f} | {comp * 1e3:.1f} | "
-                     f"{eager / comp:.2f} | {eager_first:.1f} | {comp_first:.1f} |")
-        print(lines[-1], flush=True)
+        base = None
+        for setting in args.settings:
+            torch._dynamo.reset()
+            eager_first, eager, n = timed(MODELS[name], False, args.warmup, args.steps, setting)
+            comp_first, comp, _ = timed(MODELS[name], True, args.warmup, args.steps, setting)
+            base = base or (eager if setting == "fp32" else
+                            timed(MODELS[name], False, args.warmup, args.steps)[1])
+            row = name if setting == "fp32" else f"{name}, {setting}"
+            lines.append(f"| {row} | {n / 1e6:.2f}M | {eager * 1e3:.1f} | {comp * 1e3:.1f} | "
+                         f"{eager / comp:.2f} | {eager_first:.1f} | {comp_first:.1f} | "
+                         f"{base / eager:.2f} | {base / comp:.2f} |")
+            print(lines[-1], flush=True)
     emit(lines, args.out)
 
 
