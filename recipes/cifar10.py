@@ -12,17 +12,16 @@ epochs): AdamW 94.34% / with AMSGrad 93.69% (``--optim.amsgrad``), Adam-L2 93.94
 Not run here yet: it needs a GPU.
 
 ``cpu`` trains Myrtle's ResNet-9 at width 16 (16-32-64-128) on the real data on 2 CPU cores,
-11 epochs, with Muon at 2e-2 on the conv filters (AdamW on the rest; ``docs/contenders.md``
-found it the fastest) and label smoothing 0.2: measured 2026-12-07 on 2 idle AMD EPYC cores
-(torch 2.14.1), **90.39%** test accuracy, **91.53%** with TTA, in 14 min 12 s from start to
-exit. That machine ran a plain PyTorch loop of this net at 0.59x the speed it had on
-2026-12-01 (``bench/augment.py``: 742 against 1,250 images/s), when ``cpu-adamw``'s 2,145
-steps took 8 min 38 s of training (Muon's step costs what AdamW's does here: 56 against 59 s
-for 150 steps, the same day). Not measured under 10 minutes yet, so: the goal's accuracy
-(>= 90% plain), on a machine slower than the goal's. Without the smoothing: 89.78% (91.08%
-with TTA). ``cpu-adamw``, the preset before (AdamW at 4e-3, ZeRO- and FSDP2-ready: they
-refuse Muon): 88.27%, 89.24% with TTA, in 9 min 11 s on 2026-12-01 (the baseline it had to
-beat: 87.3% in 7.4 minutes).
+13 epochs, with Muon at 2e-2 on the conv filters (AdamW on the rest; ``docs/contenders.md``
+found it the fastest), label smoothing 0.2, bf16 autocast and channels-last images: measured
+2026-12-07 in a fresh clone on 2 idle AMD EPYC cores (torch 2.14.1), **90.22%** test accuracy,
+91.40% with TTA, in **6 min 57 s** from start to exit (seed 1: 90.52%, 91.47%). bf16 with
+channels-last makes the step 2.8x fp32's on a CPU with bf16 instructions (``python
+bench/compile.py --models resnet9 --settings fp32 bf16-channels-last``, which shows it for
+another CPU; where bf16 loses, ``--precision fp32``). The same preset in fp32 at 11
+epochs: 90.39% in 14 min 12 s. ``cpu-adamw``, the preset before (AdamW at 4e-3, fp32, 11
+epochs; ZeRO- and FSDP2-ready: they refuse Muon): 88.27%, 89.24% with TTA, in 9 min 11 s on
+2026-12-01 (the baseline it had to beat: 87.3% in 7.4 minutes).
 
 The whole data set lives on the device as uint8 tensors; the augmentation is batched tensor
 ops there, drawn from (seed, step, position in the global batch), so a resumed run and N
