@@ -142,7 +142,7 @@ def build(cfg: Config) -> Run:
     tta = tta_evaluation(trainer, augment.crop_flip, seed=cfg.train.seed, shift=4)
     return Run(trainer, final_evaluation=tta if cfg.tta else None,
                model=(build_model, {"name": cfg.model, "width": cfg.width}),
-               summary=accuracy_line)
+               summary=lambda res: accuracy_line(res, "holdout" if cfg.holdout else "test"))
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def build(cfg: Config) -> Run:
 
 
 def summary(results: dict) -> str:
-    line = accuracy_line(results).replace("test accuracy", "valid accuracy", 1)
+    line = accuracy_line(results, "valid")
     return line + (f"; test accuracy {results['test_accuracy']:.4f}"
                    if "test_accuracy" in results else "")
 

@@ -127,11 +127,7 @@ def load_corpus(cfg: Config) -> Corpus:
             raise UserError(f"--output-dir {folder.path} holds the tokenizer of another run "
                             f"({saved['tokenizer']}, {len(saved['vocab'])} tokens); choose "
                             "another --output-dir")
-        empty = torch.empty(0, dtype=torch.long)
-        corpus = Corpus(empty, empty, empty, saved["vocab"], saved["tokenizer"],
-                        saved["sp_model"])
-        corpus.train, corpus.valid, corpus.test = (corpus.encode(lines[s]) for s in SPLITS)
-        return corpus
+        return Corpus.of(lines, saved["vocab"], saved["tokenizer"], saved["sp_model"])
     corpus = tokenize(lines, cfg.tokenizer, vocab_size)
     # Written only where none is: an existing run's tokenizer is never replaced (every rank
     # writes the same bytes, atomically).

@@ -43,6 +43,13 @@ def test_a_few_steps_write_the_run_contracts(one):
         assert torch.equal(final[k], reloaded[k]), k
 
 
+def test_a_holdout_run_says_it_scored_the_holdout(tmp_path):
+    proc = launch(CIFAR, [*SMALL, "--output-dir", str(tmp_path / "h"), "--holdout", "500",
+                          "--max-steps", "1", "--no-tta"], timeout=600)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("holdout accuracy "), last
+
+
 @pytest.mark.slow  # 30 s: CI runs it after the default run (the digits tests resume by default)
 def test_resume_mid_epoch_is_exact(one, tmp_path):
     resumed = tmp_path / "resumed"

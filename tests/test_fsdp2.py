@@ -68,6 +68,7 @@ def test_two_processes_equal_one_and_shard_the_states(case, tmp_path):
     assert one["optimizer_bytes"] == {s: 2 * est[f"device.{s}"] for s in states}
 
 
+@pytest.mark.slow  # 14 s: CI runs it after the default run (it checks the parity test)
 def test_a_summed_gradient_would_fail_the_sgd_parity(tmp_path):
     """What a SUM in place of AVG does to SGD: the step of doubled gradients, i.e. twice
     the lr. It moves the weights 100x past the parity tolerance."""
@@ -156,6 +157,7 @@ def zero_the_max(folder) -> None:
     write_atomic(folder / checkpoint.MARKER, json.dumps(marker))
 
 
+@pytest.mark.slow  # 13 s: CI runs it after the default run (it checks the test above)
 def test_a_zeroed_max_fails_that_comparison(tmp_path):
     args = ["--strategy", "fsdp2", "--optim.amsgrad", "--checkpoint-every", "7",
             "--keep-checkpoints", "5"]

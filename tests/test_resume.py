@@ -123,6 +123,7 @@ def test_kill_mid_epoch_and_resume_is_exact(launcher, tmp_path):
     assert_same_params(dumps(tmp_path / "dump", 1)[0], ref)
 
 
+@pytest.mark.slow  # 43 s: CI runs it after the default run (kill_mid_epoch kills by default)
 def test_kill_at_random_moments_then_resume_is_exact(tmp_path, kills: int = 5):
     """SIGKILL at random moments of a run that checkpoints and prunes every step (so most
     kills land in a save or a prune): each time every visible checkpoint is sound, the

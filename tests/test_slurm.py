@@ -112,6 +112,7 @@ def test_a_bad_input_job_is_not_requeued(slurm, tmp_path):
     assert slurm.job(job)["Restarts"] == "0"
 
 
+@pytest.mark.slow  # 32 s: CI runs it after the default run (test_sweep's array test stays)
 def test_grid_array_one_folder_per_cell_and_a_resubmission_skips_them(slurm, tmp_path):
     grid = tmp_path / "grid"
     env = {"GRID_DIR": str(grid), "SEEDS": "0", "ARGS": "--max-steps 6"}

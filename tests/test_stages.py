@@ -79,7 +79,8 @@ def ddp_two(tmp_path_factory) -> Path:
     return run
 
 
-@pytest.mark.parametrize("name", ["zero2", "fsdp2"])
+# zero2: 43 s, slow (CI runs it after the default run; test_zero covers ZeRO-2 resume by default)
+@pytest.mark.parametrize("name", [pytest.param("zero2", marks=pytest.mark.slow), "fsdp2"])
 def test_two_processes_take_the_stages_and_resume_exactly(name, ddp_two, tmp_path):
     """DeepSpeed steps the frozen groups at lr 0, FSDP2 stops their gradients as DDP does:
     the same weights as DDP with 2 processes, the frozen layers unmoved through stage 1, and

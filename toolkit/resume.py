@@ -84,7 +84,8 @@ def start_trackers(trainer, path: Path | None) -> None:
         try:
             trainer.accelerator.trackers = trackers.start(
                 cfg.trackers, trainer.folder, path and RunFolder(path.parent.parent),
-                cfg.tracker_project, trainer.recipe_config, provenance.git_state()[0])
+                cfg.tracker_project, trainer.recipe_config,
+                provenance.git_state()[0] if cfg.trackers else None)
         except UserError as e:
             error = e
     if any_failed(error):

@@ -154,9 +154,10 @@ def tta_evaluation(trainer, augment: Augment, *, seed: int, shift: int,
                                 seed=seed, shift=shift, flip=flip)
 
 
-def accuracy_line(results: dict) -> str:
-    """The image recipes' last line: test accuracy, with TTA when the results have it."""
-    line = f"test accuracy {results['valid_accuracy']:.4f}"
+def accuracy_line(results: dict, split: str = "test") -> str:
+    """The image recipes' last line: the evaluated ``split``'s accuracy, with TTA when the
+    results have it."""
+    line = f"{split} accuracy {results['valid_accuracy']:.4f}"
     if "tta_accuracy" in results:
         line += (f", with TTA {results['tta_accuracy']:.4f} (fixed views "
                  f"{results['tta_fixed_accuracy']:.4f})")

@@ -116,6 +116,19 @@ class Corpus:
     """The serialized sentencepiece model (``tokenizer="sentencepiece"``)."""
     _sp: object = field(default=None, init=False, repr=False, compare=False)
 
+    @classmethod
+    def of(cls, lines: dict[str, list[str]], vocab: list[str] | None, tokenizer: str = "word",
+           sp_model: bytes | None = None) -> Corpus:
+        """The three splits of ``lines`` encoded with ``vocab`` (None: the sentencepiece
+        model's pieces)."""
+        empty = torch.empty(0, dtype=torch.long)
+        corpus = cls(empty, empty, empty, vocab or [], tokenizer, sp_model)
+        if vocab is None:
+            sp = corpus.processor()
+            corpus.vocab = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+        corpus.train, corpus.valid, corpus.test = (corpus.encode(lines[s]) for s in SPLITS)
+        return corpus
+
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
@@ -200,16 +213,9 @@ def train_sentencepiece(lines: Iterable[str], vocab_size: int) -> bytes:
 def tokenize(lines: dict[str, list[str]], tokenizer: str = "word",
              vocab_size: int | None = None) -> Corpus:
     """Build the vocabulary from ``lines["train"]`` and encode the three splits with it."""
-    empty = torch.empty(0, dtype=torch.long)
     if tokenizer == "word":
-        corpus = Corpus(empty, empty, empty, word_vocab(lines["train"]))
-    else:
-        corpus = Corpus(empty, empty, empty, [], tokenizer,
-                        train_sentencepiece(lines["train"], vocab_size))
-        sp = corpus.processor()
-        corpus.vocab = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    corpus.train, corpus.valid, corpus.test = (corpus.encode(lines[s]) for s in SPLITS)
-    return corpus
+        return Corpus.of(lines, word_vocab(lines["train"]))
+    return Corpus.of(lines, None, tokenizer, train_sentencepiece(lines["train"], vocab_size))
 
 
 # ---- cache ------------------------------------------------------------------------------

@@ -107,8 +107,11 @@ class Strategy:
         are used or saved (DDP does it at each forward itself)."""
 
     def unwrapped(self) -> nn.Module:
-        """The model without its wrapper (the same parameters)."""
-        return self.accelerator.unwrap_model(self.model)
+        """The model without its wrapper (the same parameters): DDP's ``module``. Not
+        accelerate's ``unwrap_model``, which imports DeepSpeed to look for its engine: a
+        second of every start that does not use it."""
+        model = self.model
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
     def scoring_model(self) -> nn.Module:
         """The model to score with outside the training step (no gradient bookkeeping)."""

@@ -356,6 +356,11 @@ class ZeRO(Strategy):
     def freeze(self, grouped, trains) -> list[float]:
         return [1.0 if t else 0.0 for t in trains]
 
+    def unwrapped(self) -> torch.nn.Module:
+        from deepspeed import DeepSpeedEngine
+
+        return self.model.module if isinstance(self.model, DeepSpeedEngine) else self.model
+
     def scoring_model(self):
         return self.model  # a ZeRO-3 engine's own forward gathers its partitioned parameters
 
