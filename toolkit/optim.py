@@ -119,13 +119,13 @@ def default_impl(params: Iterable[torch.Tensor], name: str = "adamw") -> str:
     Other devices: foreach; so is SGD on sharded parameters (FSDP2's DTensors: torch 2.14
     has no sharding rule for its fused kernel).
     """
-    params = list(params)
-    if name == "sgd":
-        from torch.distributed.tensor import DTensor  # only here: a second of every start
+    from torch.distributed.tensor import DTensor
 
-        if any(isinstance(p, DTensor) for p in params):
-            return "foreach"
-    return "fused" if {p.device.type for p in params} <= {"cpu", "cuda"} else "foreach"
+    params = list(params)
+    devices = {p.device.type for p in params}
+    if name == "sgd" and any(isinstance(p, DTensor) for p in params):
+        return "foreach"
+    return "fused" if devices <= {"cpu", "cuda"} else "foreach"
 
 
 def build_optimizer(

@@ -26,7 +26,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_state_dict)
 
 from toolkit.errors import UserError
 from toolkit.optim import orthogonalizes
@@ -51,8 +54,6 @@ def read_whole(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint's DCP shards whose flat key starts with ``prefix``
     (``model.``: the weights; ``optim.state.``: every optimizer state), whole, read in one
     process."""
-    import torch.distributed.checkpoint as dcp  # here, not at the top: a second of every start
-
     meta = dcp.FileSystemReader(str(folder / SHARDS)).read_metadata().state_dict_metadata
     state = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in meta.items()
              if key.startswith(prefix) and hasattr(m, "chunks")}  # tensors, not bytes
@@ -158,9 +159,6 @@ class FSDP2(Strategy):
     def save(self, folder: Path) -> None:
         # The collective part first: a rank that fails its own files afterwards (a full disk)
         # leaves no other waiting in DCP's collectives.
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         self.sync_buffers()
         fresh = not self.optimizer.state
         model, optim = get_state_dict(self.model, self.optimizer)
@@ -171,9 +169,6 @@ class FSDP2(Strategy):
         self.accelerator.save_state(str(folder))  # the schedule's state and the RNG
 
     def load(self, folder: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
         self.accelerator.load_state(str(folder))
         model, optim = get_state_dict(self.model, self.optimizer)
         state = {"model": model, "optim": optim, "fresh": torch.tensor(False)}
@@ -184,8 +179,6 @@ class FSDP2(Strategy):
             self.optimizer.state.clear()
 
     def full_state_dict(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         self.sync_buffers()
         return get_model_state_dict(self.model, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
